@@ -1,0 +1,30 @@
+# Two entry points: `make demo` and `make test`. Both install what they need first.
+PY ?= python3
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test nvcc-check bench-cpu clean
+
+# torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
+install:
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PY) -m eva.cli demo --out out/minilm_eva.safetensors --plot out/minilm_eva_ranks.png
+
+# Compile every csrc/**/*.cu with nvcc for sm_80 and sm_90a (skipped when nvcc is absent).
+nvcc-check:
+	bash tools/nvcc_check.sh
+
+test: install nvcc-check
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
+
+bench-cpu: install
+	$(PY) benches/bench_engine_cpu.py
+
+clean:
+	rm -rf build out *.egg-info eva_kernels/*.so

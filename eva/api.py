@@ -1,0 +1,116 @@
+"""PEFT drop-in entry points: ``get_eva_state_dict`` and ``initialize_lora_eva_weights``.
+
+Same arguments and return shapes as ``peft.tuners.lora.eva`` (PEFT 0.21), plus keyword
+``**options`` (see :class:`eva.config.EvaOptions`). The state dict maps module names to
+``(rank, in_features)`` fp32 tensors and carries ``.metadata``.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Dict, Iterable, Optional, Union
+
+import torch
+
+from .config import resolve_settings
+from .engine import run_eva
+from .errors import EvaError
+from .inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
+                     prepare_model_inputs_fn_language_modeling)
+from .peft_wiring import load_eva_into_peft_model
+from .result import EvaStateDict
+from .targets import check_targets_not_meta, find_targets, input_device
+
+
+@torch.no_grad()
+def get_eva_state_dict(
+    model: torch.nn.Module,
+    dataloader: Iterable,
+    peft_config=None,
+    forward_fn: Optional[Callable] = forward_fn_dict,
+    prepare_model_inputs_fn: Optional[Callable] = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: Union[Callable, Dict[str, Callable], None] = prepare_layer_inputs_fn_language_modeling,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
+    **options,
+) -> EvaStateDict:
+    """EVA components for every target layer: the exact PCA of the tokens consumed.
+
+    Args:
+        model: a plain model (then ``peft_config`` is required) or a ``PeftModel``.
+        dataloader: any iterable of batches (dicts for the default input functions).
+        peft_config: ``LoraConfig`` with ``r``, ``target_modules``, ``rank_pattern`` and
+            ``eva_config`` (rho, tau, use_label_mask, label_mask_value, whiten, ...).
+        forward_fn: ``forward_fn(model, batch)``; default ``model(**batch)``.
+        prepare_model_inputs_fn: ``fn(batch, peft_config)`` -> token mask (default: attention
+            mask AND label mask) or anything ``prepare_layer_inputs_fn`` understands; None
+            hands the batch itself to the layer function.
+        prepare_layer_inputs_fn: ``fn(layer_input, model_input, layer_name)`` -> (tokens, d)
+            tensor, or a dict of such functions per layer name. The default uses a fused
+            masked update (no gathered copy).
+        adapter_name: adapter of a ``PeftModel`` whose config is used.
+        gather_distributed_inputs: under ``torch.distributed``, sum statistics over ranks.
+        show_progress_bar: tqdm bar with converged layers and tokens/s.
+        **options: engine options, see :class:`eva.config.EvaOptions` (centered, max_steps,
+            on_unconverged, backend, ...).
+
+    Returns:
+        :class:`eva.EvaStateDict`: ``{name: (rank, in_features) fp32}`` (rank-0 layers included
+        as empty tensors, as PEFT does) with ``.metadata``.
+    """
+    is_peft_model = hasattr(model, "peft_config")
+    if is_peft_model and peft_config is None:
+        if adapter_name not in model.peft_config:
+            raise EvaError(f"adapter {adapter_name!r} not found; the model has {list(model.peft_config)}")
+        peft_config = model.peft_config[adapter_name]
+    settings = resolve_settings(peft_config, options)
+    if forward_fn is None:
+        forward_fn = forward_fn_dict
+    device = input_device(model)
+    targets = find_targets(model, settings, is_peft_model)
+    check_targets_not_meta(targets, is_peft_model)
+    ctx = model.disable_adapter() if is_peft_model else nullcontext()
+    with ctx:
+        return run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inputs_fn,
+                       prepare_layer_inputs_fn, device, gather_distributed_inputs, show_progress_bar)
+
+
+@torch.no_grad()
+def initialize_lora_eva_weights(
+    model: torch.nn.Module,
+    dataloader: Optional[Iterable] = None,
+    eva_state_dict: Optional[dict] = None,
+    forward_fn: Optional[Callable] = forward_fn_dict,
+    prepare_model_inputs_fn: Optional[Callable] = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: Union[Callable, Dict[str, Callable], None] = prepare_layer_inputs_fn_language_modeling,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
+    **options,
+):
+    """Compute (or take) EVA components and load them into a ``PeftModel``'s LoRA layers.
+
+    lora_A <- components, lora_B <- 0, ranks redistributed (rank-0 layers turned back into
+    their base layers), ``rank_pattern`` / ``alpha_pattern`` / ``target_modules`` updated,
+    alpha scaled by ``new_rank / r`` when ``adjust_scaling_factors``. Returns the model.
+    """
+    if not hasattr(model, "peft_config"):
+        raise EvaError("model must be a PeftModel: wrap it with peft.get_peft_model(model, LoraConfig("
+                       "init_lora_weights='eva', ...)) first")
+    if adapter_name not in model.peft_config:
+        raise EvaError(f"adapter {adapter_name!r} not found; the model has {list(model.peft_config)}")
+    if len(getattr(model, "active_adapters", [adapter_name])) > 1:
+        raise EvaError("initialize_lora_eva_weights works with a single active adapter")
+    if model.peft_config[adapter_name].init_lora_weights != "eva":
+        raise EvaError("initialize_lora_eva_weights needs LoraConfig(init_lora_weights='eva'), got "
+                       f"{model.peft_config[adapter_name].init_lora_weights!r}")
+    if eva_state_dict is None:
+        if dataloader is None:
+            raise EvaError("pass a dataloader or an eva_state_dict")
+        eva_state_dict = get_eva_state_dict(
+            model, dataloader, forward_fn=forward_fn, prepare_model_inputs_fn=prepare_model_inputs_fn,
+            prepare_layer_inputs_fn=prepare_layer_inputs_fn, adapter_name=adapter_name,
+            gather_distributed_inputs=gather_distributed_inputs, show_progress_bar=show_progress_bar,
+            **options)
+    load_eva_into_peft_model(model, eva_state_dict, adapter_name)
+    return model

@@ -1,0 +1,45 @@
+"""torch.distributed helpers: statistics are summed across ranks (exact), never gathered.
+
+Each rank accumulates its own tokens; before a solve the group's (cov, colsum, count) are
+all-reduced into temporaries, so every rank solves the same global problem and takes the
+same convergence decisions (hooks and early stops stay in lockstep). The shift is the
+global mean of the first batch, agreed with two all-reduces inside the first forward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def active(gather_distributed_inputs: bool) -> bool:
+    return bool(gather_distributed_inputs) and dist.is_available() and dist.is_initialized()
+
+
+def global_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    xf = x.to(torch.float32)
+    if mask is not None:
+        xf = torch.where(mask.unsqueeze(1), xf, xf.new_zeros(()))
+        n = mask.sum().to(torch.float32)
+    else:
+        n = torch.tensor(float(x.shape[0]), device=x.device)
+    s = torch.cat([xf.sum(0), n.reshape(1)])
+    dist.all_reduce(s)
+    return s[:-1] / s[-1].clamp_min(1)
+
+
+def reduced_stats(cov: Tensor, colsum: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sums over ranks, into new tensors (the local running sums stay untouched)."""
+    g_cov = cov.clone()
+    g_vec = torch.cat([colsum, count.to(torch.float32).reshape(1)])
+    dist.all_reduce(g_cov)
+    dist.all_reduce(g_vec)
+    return g_cov, g_vec[:-1].contiguous(), g_vec[-1].round().to(torch.int64)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,462 @@
+"""The EVA streaming engine: hooks, per-group statistics, convergence, rank allocation.
+
+One run (:func:`run_eva`):
+
+1. First batch: a forward pre-hook on every target layer accumulates its input into a
+   per-group :class:`RunningStats` and forms shared-input groups on the fly (see
+   :mod:`eva.groups`); layers never called raise. Afterwards only group leaders stay hooked.
+2. Each batch: forward under ``no_grad`` in eval mode; each hooked group adds its tokens
+   (fused masked ``cov_update``, no gathered copy); once every hooked group has its input the
+   forward is stopped (results unchanged). Then every group that got data re-solves its top
+   ``r * rho`` eigenpairs warm-started from its previous Ritz basis, and one host sync brings
+   back token counts, finiteness flags, cosines with the previous estimate and explained
+   variance ratios. Ranks are redistributed; a group converges when the cosines of all the
+   components its layers currently need are >= tau, and its hook is detached (re-attached
+   if its need grows).
+3. End (all converged, loader exhausted, or ``max_steps``): a float64 polish solve per group
+   to a residual tolerance, the final allocation, whitening, and the state dict.
+
+Hooks are removed and the model's train/eval mode restored in ``finally``.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+import eva_kernels
+
+from . import distributed as dist_utils
+from .allocation import redistribute_ranks
+from .config import EvaSettings
+from .errors import EvaError, EvaNotConvergedError, _StopForward
+from .groups import Group, GroupFinder
+from .inputs import (layer_rows_and_mask, move_inputs_to_device,
+                     prepare_layer_inputs_fn_language_modeling)
+from .result import EvaStateDict
+from .statistics import RunningStats
+from .targets import Target
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Engine:
+    def __init__(self, model: nn.Module, targets: List[Target], settings: EvaSettings,
+                 forward_fn: Callable, prepare_model_inputs_fn: Optional[Callable],
+                 prepare_layer_inputs_fn, device: Optional[torch.device],
+                 gather_distributed_inputs: bool, show_progress_bar: bool):
+        self.model = model
+        self.settings = settings
+        self.opts = settings.options
+        self.targets: Dict[str, Target] = {t.name: t for t in targets}
+        self.order = [t.name for t in targets]
+        self.forward_fn = forward_fn
+        self.prepare_model_inputs_fn = prepare_model_inputs_fn
+        self.layer_fns = self._layer_fns(prepare_layer_inputs_fn)
+        self.device = device
+        self.distributed = dist_utils.active(gather_distributed_inputs)
+        self.show_progress_bar = show_progress_bar
+        self.groups: List[Group] = []
+        self.group_of: Dict[str, Group] = {}
+        self.handles: Dict[str, Any] = {}
+        self.finder = GroupFinder()
+        self.model_input = None
+        self.discovering = True
+        self.called: set = set()
+        self.hooked_groups = 0
+        self.complete_groups = 0
+        self.step = 0
+        self.ranks: Dict[str, int] = {t.name: t.max_components for t in targets}
+        self.budget = sum(t.rank for t in targets)
+
+    # ---------------------------------------------------------------- set-up ---------------
+    def _layer_fns(self, fn) -> Dict[str, Optional[Callable]]:
+        """Per-layer input preparation; None marks the fused default path."""
+        if isinstance(fn, Mapping):
+            unknown = sorted(set(fn) - set(self.order))
+            if unknown:
+                raise EvaError(f"prepare_layer_inputs_fn has entries for layers that are not EVA targets: "
+                               f"{unknown}; target layers are e.g. {self.order[:3]}")
+            return {n: fn.get(n) for n in self.order}
+        if fn is prepare_layer_inputs_fn_language_modeling or fn is None:
+            return {n: None for n in self.order}
+        try:  # PEFT's own default is equivalent: use the fused path for it as well
+            from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling as peft_default
+            if fn is peft_default:
+                return {n: None for n in self.order}
+        except ImportError:
+            pass
+        return {n: fn for n in self.order}
+
+    def _attach(self, name: str) -> None:
+        if name not in self.handles:
+            module = self.targets[name].module
+            self.handles[name] = module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True)
+
+    def _detach(self, name: str) -> None:
+        handle = self.handles.pop(name, None)
+        if handle is not None:
+            handle.remove()
+
+    def remove_hooks(self) -> None:
+        for name in list(self.handles):
+            self._detach(name)
+
+    def _make_hook(self, name: str):
+        def hook(module, args, kwargs):
+            self._capture(name, args, kwargs)
+        return hook
+
+    # ---------------------------------------------------------------- capture --------------
+    def _capture(self, name: str, args, kwargs) -> None:
+        layer_input = args if args else tuple(v for v in kwargs.values() if isinstance(v, Tensor))
+        raw = layer_input[0] if layer_input and isinstance(layer_input[0], Tensor) else None
+        if raw is not None and raw.device.type == "meta":
+            raise EvaError(f"layer {name}: its input is on the meta device; materialise the model's weights "
+                           "(and the inputs) before running EVA")
+        fn = self.layer_fns[name]
+        if self.discovering:
+            self.called.add(name)
+            group = self.group_of.get(name)
+            if group is None and raw is not None:
+                group = self.finder.match(raw, id(fn))
+                if group is not None:  # same view of the same live tensor: share the statistic
+                    group.members.append(name)
+                    group.max_components = max(group.max_components, self.targets[name].max_components)
+                    self.group_of[name] = group
+                    return
+            if group is None:
+                target = self.targets[name]
+                group = Group(index=len(self.groups), members=[name], d=target.in_features,
+                              max_components=target.max_components)
+                self.groups.append(group)
+                self.group_of[name] = group
+            elif group.leader != name:
+                return
+            if raw is not None:
+                self.finder.remember(raw, id(fn), group)
+            group.calls_per_forward += 1
+            self._accumulate(group, name, layer_input, fn)
+            return
+        group = self.group_of[name]
+        self._accumulate(group, name, layer_input, fn)
+        group.calls_this_step += 1
+        if group.calls_this_step == group.calls_per_forward:
+            self.complete_groups += 1
+            if self.opts.skip_rest_of_forward and self.complete_groups >= self.hooked_groups:
+                raise _StopForward()
+
+    def _accumulate(self, group: Group, name: str, layer_input, fn) -> None:
+        if fn is None:
+            rows, mask = layer_rows_and_mask(layer_input, self.model_input, name)
+        else:
+            rows, mask = fn(layer_input, self.model_input, name), None
+            if not isinstance(rows, Tensor) or rows.dim() != 2:
+                raise EvaError(f"layer {name}: prepare_layer_inputs_fn must return a 2-D (tokens, d) tensor, got "
+                               f"{tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__}")
+        if rows.shape[-1] != group.d:
+            raise EvaError(f"layer {name}: prepared input has width {rows.shape[-1]} but the layer's in_features "
+                           f"is {group.d}; the layer input preparation must keep the feature dimension last")
+        if rows.dtype not in _FLOAT_DTYPES:
+            if not rows.is_floating_point():
+                raise EvaError(f"layer {name}: input dtype {rows.dtype} is not a floating type")
+            rows = rows.to(torch.float32)
+        if group.stats is None:
+            group.stats = RunningStats(group.d, rows.device, self.opts.centered, self.opts.backend,
+                                       distributed=self.distributed, name=group.leader)
+        elif group.stats.cov.device != rows.device:
+            raise EvaError(f"layer {name}: input moved from {group.stats.cov.device} to {rows.device} between "
+                           "batches; keep each layer on one device during EVA")
+        group.stats.update(rows, mask)
+        group.captured = True
+
+    # ---------------------------------------------------------------- one step -------------
+    def _batch_mask_is_empty(self, model_input) -> bool:
+        if isinstance(model_input, Tensor):
+            if model_input.dtype == torch.bool:
+                return not bool(model_input.any())
+            return model_input.numel() == 0
+        return False
+
+    def _forward(self, batch) -> None:
+        for g in self.groups:
+            g.captured = False
+            g.calls_this_step = 0
+        self.complete_groups = 0
+        try:
+            self.forward_fn(self.model, batch)
+        except _StopForward:
+            pass
+
+    def _finish_discovery(self) -> None:
+        never = [n for n in self.order if n not in self.called]
+        if never:
+            raise EvaError(f"target layer(s) never called during the forward pass: {never[:8]}"
+                           f"{' ...' if len(never) > 8 else ''}; remove them from target_modules or make "
+                           "forward_fn run them")
+        self.discovering = False
+        self.finder.clear()
+        self.remove_hooks()
+        for g in self.groups:
+            self._attach(g.leader)
+            g.hooked = True
+
+    def _solve(self, group: Group, final: bool = False) -> None:
+        stats = group.stats
+        cov, colsum, count = stats.cov, stats.colsum, stats.count
+        if self.distributed:
+            cov, colsum, count = dist_utils.reduced_stats(cov, colsum, count)
+        c_sum, c_cnt = stats.centring(colsum, count)
+        k = group.max_components
+        if final:
+            cov64 = cov.to(torch.float64)
+            res = eva_kernels.topk_eigh(
+                cov64, k, colsum=None if c_sum is None else c_sum.to(torch.float64), count=c_cnt,
+                init=group.basis, oversample=max(self.opts.oversample, k), iters=2, seed=self.opts.seed,
+                tol=self.opts.final_tol, max_iters=self.opts.final_max_iters, return_basis=True, backend="torch")
+            cov = cov64
+        else:
+            res = eva_kernels.topk_eigh(
+                cov, k, colsum=c_sum, count=c_cnt, init=group.basis, oversample=self.opts.oversample,
+                iters=self.opts.iters, seed=self.opts.seed + self.step, return_basis=True,
+                backend=self.opts.backend)
+        total = RunningStats.total_variance(cov, c_sum, c_cnt)
+        pending = {
+            "ratios": (res.eigenvalues.to(torch.float64) / total),
+            "count": count.to(torch.float64).reshape(1),
+            "finite": torch.isfinite(colsum).all().to(torch.float64).reshape(1)
+            * torch.isfinite(torch.diagonal(cov)).all().to(torch.float64),
+        }
+        if group.components is not None and not final:
+            pending["cos"] = eva_kernels.component_cosines(group.components, res.eigenvectors).to(torch.float64)
+        group.pending = pending
+        group.basis = res.basis
+        group.components = res.eigenvectors
+        group.eigenvalues = res.eigenvalues
+
+    def _sync(self, groups: List[Group]) -> None:
+        """One device->host transfer per device for every pending value of ``groups``."""
+        by_device: Dict[torch.device, List[Group]] = {}
+        for g in groups:
+            by_device.setdefault(g.pending["count"].device, []).append(g)
+        for dev_groups in by_device.values():
+            flat = torch.cat([torch.cat([g.pending[k].reshape(-1) for k in sorted(g.pending)])
+                              for g in dev_groups]).cpu().tolist()
+            pos = 0
+            for g in dev_groups:
+                vals = {}
+                for key in sorted(g.pending):
+                    n = g.pending[key].numel()
+                    vals[key] = flat[pos:pos + n]
+                    pos += n
+                g.pending = {}
+                if vals["finite"][0] != 1.0:
+                    raise EvaError(f"layer(s) {g.members}: NaN or Inf in the input activations at batch "
+                                   f"{self.step} (after masking); check the model's dtype (fp16 overflow?) "
+                                   "and the data")
+                g.ratios = vals["ratios"]
+                g.tokens = int(round(vals["count"][0]))
+                if "cos" in vals:
+                    g.cosines = vals["cos"]
+
+    def _needed(self, group: Group) -> int:
+        return max(self.ranks[m] for m in group.members)
+
+    def _update_convergence(self) -> None:
+        if all(g.ratios is not None for g in self.groups):
+            ratios = {m: g.ratios for g in self.groups for m in g.members}
+            maxc = {n: self.targets[n].max_components for n in self.order}
+            self.ranks = redistribute_ranks(self.order, maxc, ratios, self.budget)
+        tau = self.settings.tau
+        min_tokens = 1 if self.opts.centered else 0
+        for g in self.groups:
+            need = self._needed(g)
+            enough = g.tokens >= need + min_tokens
+            g.converged = need == 0 or (enough and g.converged_prefix(tau) >= need)
+            if g.converged and g.hooked:
+                self._detach(g.leader)
+                g.hooked = False
+            elif not g.converged and not g.hooked:
+                self._attach(g.leader)
+                g.hooked = True
+        self.hooked_groups = sum(g.hooked for g in self.groups)
+
+    # ---------------------------------------------------------------- main loop ------------
+    def run(self, dataloader) -> EvaStateDict:
+        t0 = time.perf_counter()
+        total_len = len(dataloader) if hasattr(dataloader, "__len__") else None
+        if total_len == 0:
+            raise EvaError("dataloader is empty: EVA needs at least one batch")
+        limit = self.opts.max_steps
+        pbar = self._progress(total_len if limit is None else min(limit, total_len or limit))
+        it = iter(dataloader)
+        stop_reason = None
+        forward_seconds = 0.0
+        for name in self.order:
+            self._attach(name)
+        try:
+            while True:
+                if limit is not None and self.step >= limit:
+                    stop_reason = "max_steps"
+                    break
+                try:
+                    batch = next(it)
+                    exhausted = False
+                except StopIteration:
+                    exhausted = True
+                if self.distributed:
+                    exhausted = dist_utils.any_rank(exhausted, self._dist_device())
+                if exhausted:
+                    if self.step == 0:
+                        raise EvaError("dataloader yielded no batch: EVA needs at least one batch")
+                    stop_reason = "exhausted"
+                    break
+                batch = move_inputs_to_device(batch, self.device)
+                self.model_input = (self.prepare_model_inputs_fn(batch, self.settings.peft_config)
+                                    if self.prepare_model_inputs_fn is not None else batch)
+                if not self.distributed and self._batch_mask_is_empty(self.model_input):
+                    if not self.opts.skip_empty_batches:
+                        raise EvaError(f"batch {self.step} keeps no token after the padding/label mask; filter such "
+                                       "batches out, set use_label_mask=False, or pass skip_empty_batches=True")
+                    warnings.warn(f"EVA: skipping batch {self.step}: no token left after masking")
+                    self.step += 1
+                    continue
+                tf = time.perf_counter()
+                self._forward(batch)
+                forward_seconds += time.perf_counter() - tf
+                if self.discovering:
+                    self._finish_discovery()
+                captured = [g for g in self.groups if g.captured]
+                for g in captured:
+                    self._solve(g)
+                    g.solves += 1
+                    g.steps += 1
+                self._sync(captured)
+                self.step += 1
+                self._update_convergence()
+                if pbar is not None:
+                    self._report(pbar, t0)
+                if all(g.converged for g in self.groups):
+                    stop_reason = "converged"
+                    break
+        finally:
+            self.remove_hooks()
+            if pbar is not None:
+                pbar.close()
+        return self._result(stop_reason, time.perf_counter() - t0, forward_seconds)
+
+    def _dist_device(self) -> torch.device:
+        if torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _progress(self, total):
+        if not self.show_progress_bar:
+            return None
+        if self.distributed and torch.distributed.get_rank() != 0:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, desc="EVA", leave=False, unit="batch")
+
+    def _report(self, pbar, t0) -> None:
+        layers_done = sum(len(g.members) for g in self.groups if g.converged)
+        tokens = max((g.tokens for g in self.groups), default=0)
+        pbar.set_description(f"EVA {layers_done}/{len(self.order)} layers converged")
+        pbar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        pbar.update(1)
+
+    # ---------------------------------------------------------------- result ---------------
+    def _result(self, stop_reason: str, seconds: float, forward_seconds: float) -> EvaStateDict:
+        unconverged = [g for g in self.groups if not g.converged]
+        if unconverged:
+            names = [m for g in unconverged for m in g.members]
+            msg = (f"EVA stopped ({stop_reason} after {self.step} batches) before {len(names)} layer(s) converged "
+                   f"(tau={self.settings.tau}): {names[:6]}{' ...' if len(names) > 6 else ''}. Their components are "
+                   "the exact PCA of every token consumed; more data (or a lower tau) would let them converge.")
+            if self.opts.on_unconverged == "error":
+                raise EvaNotConvergedError(msg)
+            warnings.warn(msg)
+        t_polish = time.perf_counter()
+        solved = [g for g in self.groups if g.stats is not None]
+        for g in solved:
+            self._solve(g, final=True)
+        self._sync(solved)
+        ratios = {m: g.ratios for g in self.groups for m in g.members}
+        maxc = {n: self.targets[n].max_components for n in self.order}
+        self.ranks = redistribute_ranks(self.order, maxc, ratios, self.budget)
+        polish_seconds = time.perf_counter() - t_polish
+        min_tokens = 1 if self.opts.centered else 0
+        state, layers = {}, {}
+        for name in self.order:
+            g = self.group_of[name]
+            rank = self.ranks[name]
+            if rank > 0 and g.tokens < rank + min_tokens:
+                raise EvaError(f"layer {name} was assigned rank {rank} but saw only {g.tokens} token(s): at least "
+                               f"{rank + min_tokens} are needed; pass more data or lower r")
+            u = g.components[:rank].to(torch.float32).clone()
+            if self.settings.whiten and rank > 0:
+                # PEFT's convention: divide by the square root of the singular values
+                # sigma_i = sqrt(lambda_i) of the (centred) token matrix, once per layer.
+                sigma = g.eigenvalues[:rank].to(torch.float32).clamp_min(1e-30).sqrt()
+                u = u / sigma.sqrt().unsqueeze(1)
+            state[name] = u.to(self.device) if self.device is not None else u
+            layers[name] = {
+                "rank": rank,
+                "configured_rank": self.targets[name].rank,
+                "max_components": self.targets[name].max_components,
+                "in_features": g.d,
+                "group": g.leader,
+                "explained_variance_ratio": [float(v) for v in g.ratios[: self.targets[name].max_components]],
+                "tokens": g.tokens,
+                "steps": g.steps,
+                "converged": g.converged_prefix(self.settings.tau) >= rank or rank == 0,
+                "min_cosine": (min(g.cosines[:rank]) if g.cosines and rank else None),
+            }
+        for info in layers.values():
+            if info["min_cosine"] is not None and math.isnan(info["min_cosine"]):
+                info["min_cosine"] = None
+        meta = {
+            "format": "eva-kernels/1",
+            "order": list(self.order),
+            "settings": self.settings.metadata(),
+            "layers": layers,
+            "groups": [g.members for g in self.groups],
+            "run": {
+                "steps": self.step,
+                "stop_reason": stop_reason,
+                "rank_budget": self.budget,
+                "seconds": seconds,
+                "forward_seconds": forward_seconds,
+                "polish_seconds": polish_seconds,
+                "backend": eva_kernels.ops._backends.resolve(
+                    "cov_update", next(iter(g.stats.cov.device for g in solved)), self.opts.backend),
+                "distributed": self.distributed,
+                "eva_kernels_version": eva_kernels.__version__,
+                "torch_version": torch.__version__,
+            },
+        }
+        return EvaStateDict(state, metadata=meta)
+
+
+def run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inputs_fn,
+            prepare_layer_inputs_fn, device, gather_distributed_inputs, show_progress_bar) -> EvaStateDict:
+    """Run the engine with the model in eval mode under no_grad; hooks and mode always restored."""
+    engine = _Engine(model, targets, settings, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn,
+                     device, gather_distributed_inputs, show_progress_bar)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return engine.run(dataloader)
+    finally:
+        engine.remove_hooks()
+        for module, training in modes:  # per module: mixed train/eval states survive
+            module.training = training

@@ -1,0 +1,79 @@
+"""Running activation statistics of one shared-input group, and its eigen-estimate.
+
+State (on the activations' device)::
+
+    cov    (d, d) fp32   sum (x - s)^T (x - s)   (upper triangle authoritative)
+    colsum (d,)   fp32   sum (x - s)
+    count  ()     int64  number of tokens
+    shift  (d,)   fp32   s: the mean of the first batch's kept tokens (centred mode), else 0
+
+The centred scatter matrix is ``cov - colsum colsum^T / count`` (exact for any fixed s;
+accumulating about s ~ mean keeps fp32 accurate for channels with a large mean). Its
+eigenvectors are the right-singular vectors of the centred token matrix: PCA of every
+token consumed. Uncentred mode uses s = 0 and no correction.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import eva_kernels
+
+
+class RunningStats:
+    def __init__(self, d: int, device: torch.device, centered: bool, backend: Optional[str],
+                 distributed: bool = False, name: str = ""):
+        self.name = name  # the group's leader layer (for messages and inspection)
+        self.d = d
+        self.distributed = distributed
+        self.centered = centered
+        self.backend = backend
+        self.cov = torch.zeros(d, d, dtype=torch.float32, device=device)
+        self.colsum = torch.zeros(d, dtype=torch.float32, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.shift: Optional[Tensor] = None
+
+    def _init_shift(self, x: Tensor, mask: Optional[Tensor]) -> None:
+        if not self.centered:
+            self.shift = None
+            return
+        if self.distributed:
+            from .distributed import global_mean
+            self.shift = torch.nan_to_num(global_mean(x, mask), nan=0.0, posinf=0.0, neginf=0.0)
+            return
+        xf = x.to(torch.float32)
+        if mask is None:
+            self.shift = xf.mean(0) if x.shape[0] else xf.new_zeros(self.d)
+        else:
+            kept = mask.sum().clamp_min(1).to(torch.float32)
+            self.shift = torch.where(mask.unsqueeze(1), xf, xf.new_zeros(())).sum(0) / kept
+        # a NaN/Inf in the first batch must not poison every later batch through the shift;
+        # the finiteness check on colsum reports it.
+        self.shift = torch.nan_to_num(self.shift, nan=0.0, posinf=0.0, neginf=0.0).contiguous()
+
+    def set_shift(self, shift: Optional[Tensor]) -> None:
+        """Use a given reference (distributed runs: the same on every rank)."""
+        self.shift = None if shift is None else shift.to(torch.float32).contiguous()
+
+    def update(self, x: Tensor, mask: Optional[Tensor]) -> None:
+        """Accumulate rows ``x`` (N, d) (kept where ``mask``); no host sync."""
+        if self.shift is None and self.centered:
+            self._init_shift(x, mask)
+        n = eva_kernels.cov_update(self.cov, self.colsum, x, mask, shift=self.shift, backend=self.backend)
+        self.count += n
+
+    # -- views used by the solver -------------------------------------------------------------
+    def centring(self, colsum: Tensor, count: Tensor):
+        """(colsum, count) arguments of ``topk_eigh`` for the chosen mode."""
+        return (colsum, count) if self.centered else (None, None)
+
+    @staticmethod
+    def total_variance(cov: Tensor, colsum: Optional[Tensor], count: Optional[Tensor]) -> Tensor:
+        """trace of the (centred) scatter matrix, float64, 0-d (no sync)."""
+        tr = torch.diagonal(cov).to(torch.float64).sum()
+        if colsum is not None:
+            c = colsum.to(torch.float64)
+            tr = tr - (c @ c) / count.to(torch.float64).clamp_min(1)
+        return tr.clamp_min(torch.finfo(torch.float64).tiny)

@@ -1,0 +1,75 @@
+"""Triton backend configuration: interpreter detection, availability, launch heuristics.
+
+``@triton.jit`` decides at *decoration* time (i.e. when this package is imported) whether a
+kernel is compiled for the GPU or run by the CPU interpreter (``TRITON_INTERPRET=1``).
+:data:`INTERPRET` records what was actually decided, by decorating a probe function the same
+way the kernels are decorated, so the availability check always matches what will run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # present in triton 2.x .. 3.9
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except Exception:  # pragma: no cover - layout changed; fall back to the environment
+    _InterpretedFunction = None
+
+
+@triton.jit
+def _probe(x_ptr):
+    tl.store(x_ptr, 0)
+
+
+if _InterpretedFunction is not None:
+    #: True when the kernels of this package run in Triton's CPU interpreter.
+    INTERPRET: bool = isinstance(_probe, _InterpretedFunction)
+else:  # pragma: no cover
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Precision of fp32 x fp32 ``tl.dot``. ``"tf32x3"`` (three TF32 tensor-core products with
+#: error compensation) is as accurate as fp32 FMA to ~1e-6 relative and several times faster
+#: on Ampere/Hopper; the interpreter computes in plain fp32 (``"ieee"``).
+#: Override with ``EVA_TRITON_FP32_DOT=ieee`` (or ``tf32``, ``tf32x3``).
+FP32_DOT_PRECISION: str = os.environ.get("EVA_TRITON_FP32_DOT", "ieee" if INTERPRET else "tf32x3")
+if FP32_DOT_PRECISION not in ("ieee", "tf32", "tf32x3"):
+    raise ValueError(f"EVA_TRITON_FP32_DOT={FP32_DOT_PRECISION!r}: choose ieee, tf32 or tf32x3")
+
+
+def why_not(device_type: str) -> Optional[str]:
+    """``None`` when the Triton kernels can run on tensors of ``device_type``, else why not."""
+    if device_type == "cuda":
+        if INTERPRET or torch.cuda.is_available():
+            return None
+        return "Triton kernels need a CUDA GPU, and torch.cuda.is_available() is False"
+    if device_type == "cpu":
+        if INTERPRET:
+            return None
+        return ("Triton kernels need a CUDA GPU; to run them on CPU tensors set TRITON_INTERPRET=1 "
+                "before importing eva_kernels (Triton's CPU interpreter, slow, for tests)")
+    return f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device_type!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a small stand-in under the interpreter.
+
+    The interpreter value (4) makes small test problems take the split-n path too.
+    """
+    if INTERPRET or device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pow2_bucket(n: int) -> int:
+    """Autotuning key for a token count: next power of two (tuning is not redone per n)."""
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -1,0 +1,109 @@
+"""Build script: package metadata lives in pyproject.toml; this file only adds the optional
+C++/CUDA extension ``eva_kernels._C`` (sources in csrc/).
+
+Install torch first, then ``pip install --no-build-isolation -e .``.
+
+* CPU only (``torch.version.cuda is None`` or no nvcc): a CppExtension with the C++ kernel.
+* torch with CUDA and nvcc present: a CUDAExtension that also compiles csrc/cuda/*.cu for
+  sm_80 and sm_90a (override with EVA_CUDA_ARCHS, e.g. ``EVA_CUDA_ARCHS="80;90a;100a"``).
+
+Environment variables:
+  EVA_SKIP_EXT=1      build no extension (pure-Python install; backend "cpp" is unavailable).
+  EVA_REQUIRE_EXT=1   a failed extension build fails the install (used by ``make test``);
+                      by default the failure is reported loudly and the install goes on
+                      without the extension.
+  EVA_PORTABLE=1      no ``-march=native`` (binary runs on any x86-64 / aarch64 CPU; the CPU
+                      kernel then uses its generic, auto-vectorised micro-kernel).
+  EVA_FORCE_CPU_EXT=1 build the CPU-only extension even when CUDA is available.
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _warn(msg):
+    bar = "!" * 78
+    print(f"\n{bar}\n[eva-kernels] WARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _extension():
+    """(ext_modules, cmdclass) for setup(); empty when the extension is not built."""
+    if _flag("EVA_SKIP_EXT"):
+        print("[eva-kernels] EVA_SKIP_EXT=1: not building the C++/CUDA extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except Exception as exc:  # noqa: BLE001 - torch absent: pure-Python install
+        _warn(f"torch is not importable at build time ({exc}); building without the C++ "
+              "extension. Install torch first, then `pip install --no-build-isolation -e .`.")
+        return [], {}
+
+    cxx = ["-O3"]
+    machine = platform.machine().lower()
+    if not _flag("EVA_PORTABLE"):
+        cxx.append("-march=native" if machine in ("x86_64", "amd64", "i686") else "-mcpu=native")
+    sources = [os.path.relpath(p, _ROOT) for p in
+               sorted(glob.glob(os.path.join(_ROOT, "csrc", "bindings.cpp")) +
+                      glob.glob(os.path.join(_ROOT, "csrc", "cpu", "*.cpp")))]
+    include_dirs = [os.path.join(_ROOT, "csrc")]
+
+    nvcc = None
+    if torch.version.cuda is not None and not _flag("EVA_FORCE_CPU_EXT"):
+        cuda_home = getattr(ce, "CUDA_HOME", None)
+        cand = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+        nvcc = cand if cand and os.path.exists(cand) else shutil.which("nvcc")
+    if nvcc:
+        archs = os.environ.get("EVA_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (s.strip() for s in archs) if a]
+        cu = [os.path.relpath(p, _ROOT) for p in sorted(glob.glob(os.path.join(_ROOT, "csrc", "cuda", "*.cu")))]
+        ext = ce.CUDAExtension(
+            "eva_kernels._C", sources + cu, include_dirs=include_dirs,
+            define_macros=[("EVA_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode})
+        kind = "CUDA (" + ", ".join(gencode) + ")"
+    else:
+        ext = ce.CppExtension("eva_kernels._C", sources, include_dirs=include_dirs,
+                              extra_compile_args={"cxx": cxx})
+        kind = "CPU only" + ("" if torch.version.cuda is None else " (nvcc not found)")
+    print(f"[eva-kernels] building eva_kernels._C: {kind}; cxx flags {cxx}", file=sys.stderr)
+
+    base = ce.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """BuildExtension that, unless EVA_REQUIRE_EXT=1, survives a failed compile."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001
+                if _flag("EVA_REQUIRE_EXT"):
+                    raise
+                _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc}); installing "
+                      "without it: backend='cpp' will be unavailable. Fix the error above and "
+                      "rerun `pip install --no-build-isolation -e .` (EVA_REQUIRE_EXT=1 makes this "
+                      "fatal).")
+
+        def copy_extensions_to_source(self):
+            try:
+                super().copy_extensions_to_source()
+            except Exception as exc:  # noqa: BLE001 - the failed build left nothing to copy
+                if _flag("EVA_REQUIRE_EXT"):
+                    raise
+                _warn(f"extension not copied into the source tree ({exc})")
+
+    return [ext], {"build_ext": BuildExt}
+
+
+_ext_modules, _cmdclass = _extension()
+setup(ext_modules=_ext_modules, cmdclass=_cmdclass)
