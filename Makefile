@@ -20,6 +20,8 @@ demo: install
 nvcc-check:
 	bash tools/nvcc_check.sh
 
+# EVA_REQUIRE_EXT: a broken C++ build fails `make test` instead of silently skipping the cpp tests.
+test: export EVA_REQUIRE_EXT := 1
 test: install nvcc-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
 

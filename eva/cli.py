@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,9 +72,14 @@ def _run(args, model_path: str, data_path: str, default_targets: str) -> int:
     load_s = time.perf_counter() - t_load
     options = {"centered": not args.uncentered, "max_steps": args.max_steps, "backend": args.backend}
     t0 = time.perf_counter()
-    sd = get_eva_state_dict(model, loader, config, show_progress_bar=not args.quiet, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = get_eva_state_dict(model, loader, config, show_progress_bar=not args.quiet, **options)
     elapsed = time.perf_counter() - t0
     print(sd.summary())
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "eva" in str(w.filename):
+            print(f"note: {w.message}")
     run = sd.metadata["run"]
     print(f"\nmodel {model_path}\ndata {data_path}: {len(lines)} lines, batch {args.batch_size} x <= {args.max_length} "
           f"tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {device} (backend {run['backend']}): "

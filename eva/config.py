@@ -30,8 +30,8 @@ class EvaOptions:
         skip_rest_of_forward: stop the forward pass once every layer that still needs data
             has captured its input (results are identical, time is saved).
         oversample: extra eigensolver block columns; iters: subspace iterations per batch.
-        final_tol: residual tolerance of the final float64 polish solve (relative to the
-            largest eigenvalue); final_max_iters caps it.
+        final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final
+            polish solve (warm-started from the streaming estimate); final_max_iters caps it.
         backend: eva_kernels backend ("auto", "torch", "triton", "cpp"; default EVA_BACKEND).
         seed: seed of the eigensolver's random test matrices.
     """
@@ -43,8 +43,8 @@ class EvaOptions:
     skip_rest_of_forward: bool = True
     oversample: int = 8
     iters: int = 2
-    final_tol: float = 1e-6
-    final_max_iters: int = 60
+    final_tol: float = 1e-4
+    final_max_iters: int = 50
     backend: Optional[str] = None
     seed: int = 0
 

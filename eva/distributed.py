@@ -33,10 +33,11 @@ def global_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 def reduced_stats(cov: Tensor, colsum: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Sums over ranks, into new tensors (the local running sums stay untouched)."""
     g_cov = cov.clone()
-    g_vec = torch.cat([colsum, count.to(torch.float32).reshape(1)])
+    # float64 carries token counts exactly up to 2**53 (float32 only up to 2**24)
+    g_vec = torch.cat([colsum.to(torch.float64), count.to(torch.float64).reshape(1)])
     dist.all_reduce(g_cov)
     dist.all_reduce(g_vec)
-    return g_cov, g_vec[:-1].contiguous(), g_vec[-1].round().to(torch.int64)
+    return g_cov, g_vec[:-1].to(torch.float32).contiguous(), g_vec[-1].round().to(torch.int64)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

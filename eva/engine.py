@@ -214,12 +214,11 @@ class _Engine:
         c_sum, c_cnt = stats.centring(colsum, count)
         k = group.max_components
         if final:
-            cov64 = cov.to(torch.float64)
+            # polish to a residual tolerance, warm-started from the streaming basis
             res = eva_kernels.topk_eigh(
-                cov64, k, colsum=None if c_sum is None else c_sum.to(torch.float64), count=c_cnt,
-                init=group.basis, oversample=max(self.opts.oversample, k), iters=2, seed=self.opts.seed,
-                tol=self.opts.final_tol, max_iters=self.opts.final_max_iters, return_basis=True, backend="torch")
-            cov = cov64
+                cov, k, colsum=c_sum, count=c_cnt, init=group.basis, oversample=self.opts.oversample,
+                iters=1, seed=self.opts.seed, tol=self.opts.final_tol, max_iters=self.opts.final_max_iters,
+                return_basis=True, backend=self.opts.backend)
         else:
             res = eva_kernels.topk_eigh(
                 cov, k, colsum=c_sum, count=c_cnt, init=group.basis, oversample=self.opts.oversample,
@@ -348,7 +347,7 @@ class _Engine:
             self.remove_hooks()
             if pbar is not None:
                 pbar.close()
-        return self._result(stop_reason, time.perf_counter() - t0, forward_seconds)
+        return self._result(stop_reason, t0, forward_seconds)
 
     def _dist_device(self) -> torch.device:
         if torch.distributed.get_backend() == "nccl":
@@ -374,7 +373,7 @@ class _Engine:
         pbar.update(1)
 
     # ---------------------------------------------------------------- result ---------------
-    def _result(self, stop_reason: str, seconds: float, forward_seconds: float) -> EvaStateDict:
+    def _result(self, stop_reason: str, t0: float, forward_seconds: float) -> EvaStateDict:
         unconverged = [g for g in self.groups if not g.converged]
         if unconverged:
             names = [m for g in unconverged for m in g.members]
@@ -433,7 +432,7 @@ class _Engine:
                 "steps": self.step,
                 "stop_reason": stop_reason,
                 "rank_budget": self.budget,
-                "seconds": seconds,
+                "seconds": time.perf_counter() - t0,
                 "forward_seconds": forward_seconds,
                 "polish_seconds": polish_seconds,
                 "backend": eva_kernels.ops._backends.resolve(

@@ -107,7 +107,7 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
     if count is not None and not isinstance(count, Tensor):
         count = torch.tensor(float(count), device=cov.device)
     b = min(d, k + oversample)
-    steps = _backends.get("eigen_steps", _backends.resolve("eigen_steps", cov.device, backend))
+    steps = _backends.get("eigen_steps", _steps_backend(cov.device, backend))
     if b == d:  # the block is the whole space: exact dense solve
         from .reference import centered_operator_matmul, sym_from_upper
         eye = torch.eye(d, dtype=dtype, device=cov.device)
@@ -137,6 +137,19 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
     # Rayleigh-Ritz on the last orthonormal block q with y = A q already computed.
     vals, vecs, _ = _ritz(q, y, k, None)
     return _finish(vals, vecs, k, return_basis)
+
+
+def _steps_backend(device, backend: Optional[str]) -> str:
+    """Backend of the heavy steps. A backend that implements ``cov_update`` but has no
+    ``eigen_steps`` (``cpp``) runs them with torch instead of failing."""
+    try:
+        return _backends.resolve("eigen_steps", device, backend)
+    except _backends.BackendUnavailableError:
+        name = _backends._requested(backend)
+        has_steps = name in _backends._OPS["eigen_steps"].impls
+        if not has_steps and _backends.why_unavailable("cov_update", name, torch.device(device).type) is None:
+            return "torch"
+        raise
 
 
 def _ritz(q: Tensor, aq: Tensor, k: int, tol: Optional[float]):
