@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             return _run(args, args.model or bundled_model_path(), args.data or bundled_calibration_path(),
                         "query,key,value,dense")
         return _run(args, args.model, args.data, "all-linear")
-    except EvaError as exc:
+    except (EvaError, OSError) as exc:  # OSError: missing --model folder, missing file for inspect
         print(f"eva: error: {exc}", file=sys.stderr)
         return 2
 

@@ -55,6 +55,10 @@ class EvaOptions:
             raise EvaError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.oversample < 0 or self.iters < 1:
             raise EvaError("oversample must be >= 0 and iters >= 1")
+        if self.backend is not None:
+            from eva_kernels._backends import BACKEND_NAMES
+            if not isinstance(self.backend, str) or self.backend.strip().lower() not in ("auto",) + BACKEND_NAMES:
+                raise EvaError(f"backend must be None or one of auto, {', '.join(BACKEND_NAMES)}; got {self.backend!r}")
 
 
 @dataclass

@@ -238,6 +238,19 @@ class _Engine:
         group.components = res.eigenvectors
         group.eigenvalues = res.eigenvalues
 
+    def _solve_checked(self, group: Group, final: bool = False) -> None:
+        """``_solve``; when the eigensolver fails (LAPACK raises on NaN/Inf on CPU) and the statistics are
+        not finite, raise the EvaError naming the layers instead (no extra sync on the normal path)."""
+        try:
+            self._solve(group, final=final)
+        except RuntimeError as exc:
+            st = group.stats
+            if not (bool(torch.isfinite(st.colsum).all()) and bool(torch.isfinite(torch.diagonal(st.cov)).all())):
+                raise EvaError(f"layer(s) {group.members}: NaN or Inf in the input activations at batch "
+                               f"{self.step} (after masking); check the model's dtype (fp16 overflow?) "
+                               "and the data") from exc
+            raise
+
     def _sync(self, groups: List[Group]) -> None:
         """One device->host transfer per device for every pending value of ``groups``."""
         by_device: Dict[torch.device, List[Group]] = {}
@@ -332,7 +345,7 @@ class _Engine:
                     self._finish_discovery()
                 captured = [g for g in self.groups if g.captured]
                 for g in captured:
-                    self._solve(g)
+                    self._solve_checked(g)
                     g.solves += 1
                     g.steps += 1
                 self._sync(captured)
@@ -384,9 +397,12 @@ class _Engine:
                 raise EvaNotConvergedError(msg)
             warnings.warn(msg)
         t_polish = time.perf_counter()
+        if not self.groups:  # every batch was skipped (skip_empty_batches=True): nothing was captured
+            raise EvaError(f"every batch was skipped ({self.step} batch(es)): no token left after the padding/label "
+                           "mask; check the attention masks and labels, or set use_label_mask=False")
         solved = [g for g in self.groups if g.stats is not None]
         for g in solved:
-            self._solve(g, final=True)
+            self._solve_checked(g, final=True)
         self._sync(solved)
         ratios = {m: g.ratios for g in self.groups for m in g.members}
         maxc = {n: self.targets[n].max_components for n in self.order}

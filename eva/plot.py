@@ -13,10 +13,17 @@ def rank_grid(ranks: Dict[str, int]) -> Tuple[List[str], List[str], List[List[fl
     ``encoder.layer.3.attention.self.query`` -> row ``attention.self.query``, column ``3``;
     names without a layer index (``pooler.dense``) get the column ``-``. Missing cells are NaN.
     """
-    cells, kinds, layers = {}, [], []
+    parsed = []
     for name, rank in ranks.items():
         m = _LAYER_RE.match(name.replace("base_model.model.", ""))
-        kind, layer = (m.group(3), m.group(2)) if m else (name, "-")
+        parsed.append(((m.group(1), m.group(3), m.group(2)) if m else ("", name, "-"), rank))
+    prefixes_of = {}
+    for (prefix, kind, _), _ in parsed:
+        prefixes_of.setdefault(kind, set()).add(prefix)
+    cells, kinds, layers = {}, [], []
+    for (prefix, kind, layer), rank in parsed:
+        if len(prefixes_of[kind]) > 1:  # e.g. model.encoder.layers / model.decoder.layers: keep both rows
+            kind = f"{prefix}.{kind}"
         cells[(kind, layer)] = rank
         if kind not in kinds:
             kinds.append(kind)
