@@ -20,7 +20,6 @@ Hooks are removed and the model's train/eval mode restored in ``finally``.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -29,13 +28,13 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-import eva_kernels
-
 from . import distributed as dist_utils
 from .allocation import redistribute_ranks
 from .config import EvaSettings
-from .errors import EvaError, EvaNotConvergedError, _StopForward
+from .errors import EvaError, _StopForward
 from .groups import Group, GroupFinder
+from .estimates import solve_group, sync_groups
+from .finalize import build_result
 from .inputs import (layer_rows_and_mask, move_inputs_to_device,
                      prepare_layer_inputs_fn_language_modeling)
 from .result import EvaStateDict
@@ -206,76 +205,6 @@ class _Engine:
             self._attach(g.leader)
             g.hooked = True
 
-    def _solve(self, group: Group, final: bool = False) -> None:
-        stats = group.stats
-        cov, colsum, count = stats.cov, stats.colsum, stats.count
-        if self.distributed:
-            cov, colsum, count = dist_utils.reduced_stats(cov, colsum, count)
-        c_sum, c_cnt = stats.centring(colsum, count)
-        k = group.max_components
-        if final:
-            # polish to a residual tolerance, warm-started from the streaming basis
-            res = eva_kernels.topk_eigh(
-                cov, k, colsum=c_sum, count=c_cnt, init=group.basis, oversample=self.opts.oversample,
-                iters=1, seed=self.opts.seed, tol=self.opts.final_tol, max_iters=self.opts.final_max_iters,
-                return_basis=True, backend=self.opts.backend)
-        else:
-            res = eva_kernels.topk_eigh(
-                cov, k, colsum=c_sum, count=c_cnt, init=group.basis, oversample=self.opts.oversample,
-                iters=self.opts.iters, seed=self.opts.seed + self.step, return_basis=True,
-                backend=self.opts.backend)
-        total = RunningStats.total_variance(cov, c_sum, c_cnt)
-        pending = {
-            "ratios": (res.eigenvalues.to(torch.float64) / total),
-            "count": count.to(torch.float64).reshape(1),
-            "finite": torch.isfinite(colsum).all().to(torch.float64).reshape(1)
-            * torch.isfinite(torch.diagonal(cov)).all().to(torch.float64),
-        }
-        if group.components is not None and not final:
-            pending["cos"] = eva_kernels.component_cosines(group.components, res.eigenvectors).to(torch.float64)
-        group.pending = pending
-        group.basis = res.basis
-        group.components = res.eigenvectors
-        group.eigenvalues = res.eigenvalues
-
-    def _solve_checked(self, group: Group, final: bool = False) -> None:
-        """``_solve``; when the eigensolver fails (LAPACK raises on NaN/Inf on CPU) and the statistics are
-        not finite, raise the EvaError naming the layers instead (no extra sync on the normal path)."""
-        try:
-            self._solve(group, final=final)
-        except RuntimeError as exc:
-            st = group.stats
-            if not (bool(torch.isfinite(st.colsum).all()) and bool(torch.isfinite(torch.diagonal(st.cov)).all())):
-                raise EvaError(f"layer(s) {group.members}: NaN or Inf in the input activations at batch "
-                               f"{self.step} (after masking); check the model's dtype (fp16 overflow?) "
-                               "and the data") from exc
-            raise
-
-    def _sync(self, groups: List[Group]) -> None:
-        """One device->host transfer per device for every pending value of ``groups``."""
-        by_device: Dict[torch.device, List[Group]] = {}
-        for g in groups:
-            by_device.setdefault(g.pending["count"].device, []).append(g)
-        for dev_groups in by_device.values():
-            flat = torch.cat([torch.cat([g.pending[k].reshape(-1) for k in sorted(g.pending)])
-                              for g in dev_groups]).cpu().tolist()
-            pos = 0
-            for g in dev_groups:
-                vals = {}
-                for key in sorted(g.pending):
-                    n = g.pending[key].numel()
-                    vals[key] = flat[pos:pos + n]
-                    pos += n
-                g.pending = {}
-                if vals["finite"][0] != 1.0:
-                    raise EvaError(f"layer(s) {g.members}: NaN or Inf in the input activations at batch "
-                                   f"{self.step} (after masking); check the model's dtype (fp16 overflow?) "
-                                   "and the data")
-                g.ratios = vals["ratios"]
-                g.tokens = int(round(vals["count"][0]))
-                if "cos" in vals:
-                    g.cosines = vals["cos"]
-
     def _needed(self, group: Group) -> int:
         return max(self.ranks[m] for m in group.members)
 
@@ -345,10 +274,10 @@ class _Engine:
                     self._finish_discovery()
                 captured = [g for g in self.groups if g.captured]
                 for g in captured:
-                    self._solve_checked(g)
+                    solve_group(g, self.opts, self.step, self.distributed)
                     g.solves += 1
                     g.steps += 1
-                self._sync(captured)
+                sync_groups(captured, self.step)
                 self.step += 1
                 self._update_convergence()
                 if pbar is not None:
@@ -360,7 +289,7 @@ class _Engine:
             self.remove_hooks()
             if pbar is not None:
                 pbar.close()
-        return self._result(stop_reason, t0, forward_seconds)
+        return build_result(self, stop_reason, t0, forward_seconds)
 
     def _dist_device(self) -> torch.device:
         if torch.distributed.get_backend() == "nccl":
@@ -386,79 +315,6 @@ class _Engine:
         pbar.update(1)
 
     # ---------------------------------------------------------------- result ---------------
-    def _result(self, stop_reason: str, t0: float, forward_seconds: float) -> EvaStateDict:
-        unconverged = [g for g in self.groups if not g.converged]
-        if unconverged:
-            names = [m for g in unconverged for m in g.members]
-            msg = (f"EVA stopped ({stop_reason} after {self.step} batches) before {len(names)} layer(s) converged "
-                   f"(tau={self.settings.tau}): {names[:6]}{' ...' if len(names) > 6 else ''}. Their components are "
-                   "the exact PCA of every token consumed; more data (or a lower tau) would let them converge.")
-            if self.opts.on_unconverged == "error":
-                raise EvaNotConvergedError(msg)
-            warnings.warn(msg)
-        t_polish = time.perf_counter()
-        if not self.groups:  # every batch was skipped (skip_empty_batches=True): nothing was captured
-            raise EvaError(f"every batch was skipped ({self.step} batch(es)): no token left after the padding/label "
-                           "mask; check the attention masks and labels, or set use_label_mask=False")
-        solved = [g for g in self.groups if g.stats is not None]
-        for g in solved:
-            self._solve_checked(g, final=True)
-        self._sync(solved)
-        ratios = {m: g.ratios for g in self.groups for m in g.members}
-        maxc = {n: self.targets[n].max_components for n in self.order}
-        self.ranks = redistribute_ranks(self.order, maxc, ratios, self.budget)
-        polish_seconds = time.perf_counter() - t_polish
-        min_tokens = 1 if self.opts.centered else 0
-        state, layers = {}, {}
-        for name in self.order:
-            g = self.group_of[name]
-            rank = self.ranks[name]
-            if rank > 0 and g.tokens < rank + min_tokens:
-                raise EvaError(f"layer {name} was assigned rank {rank} but saw only {g.tokens} token(s): at least "
-                               f"{rank + min_tokens} are needed; pass more data or lower r")
-            u = g.components[:rank].to(torch.float32).clone()
-            if self.settings.whiten and rank > 0:
-                # PEFT's convention: divide by the square root of the singular values
-                # sigma_i = sqrt(lambda_i) of the (centred) token matrix, once per layer.
-                sigma = g.eigenvalues[:rank].to(torch.float32).clamp_min(1e-30).sqrt()
-                u = u / sigma.sqrt().unsqueeze(1)
-            state[name] = u.to(self.device) if self.device is not None else u
-            layers[name] = {
-                "rank": rank,
-                "configured_rank": self.targets[name].rank,
-                "max_components": self.targets[name].max_components,
-                "in_features": g.d,
-                "group": g.leader,
-                "explained_variance_ratio": [float(v) for v in g.ratios[: self.targets[name].max_components]],
-                "tokens": g.tokens,
-                "steps": g.steps,
-                "converged": g.converged_prefix(self.settings.tau) >= rank or rank == 0,
-                "min_cosine": (min(g.cosines[:rank]) if g.cosines and rank else None),
-            }
-        for info in layers.values():
-            if info["min_cosine"] is not None and math.isnan(info["min_cosine"]):
-                info["min_cosine"] = None
-        meta = {
-            "format": "eva-kernels/1",
-            "order": list(self.order),
-            "settings": self.settings.metadata(),
-            "layers": layers,
-            "groups": [g.members for g in self.groups],
-            "run": {
-                "steps": self.step,
-                "stop_reason": stop_reason,
-                "rank_budget": self.budget,
-                "seconds": time.perf_counter() - t0,
-                "forward_seconds": forward_seconds,
-                "polish_seconds": polish_seconds,
-                "backend": eva_kernels.ops._backends.resolve(
-                    "cov_update", next(iter(g.stats.cov.device for g in solved)), self.opts.backend),
-                "distributed": self.distributed,
-                "eva_kernels_version": eva_kernels.__version__,
-                "torch_version": torch.__version__,
-            },
-        }
-        return EvaStateDict(state, metadata=meta)
 
 
 def run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inputs_fn,

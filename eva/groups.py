@@ -12,7 +12,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import torch
 from torch import Tensor
 
 from .statistics import RunningStats

@@ -14,6 +14,19 @@ from eva.statistics import RunningStats
 from eva.text_data import TextBatches, bundled_calibration_path, bundled_model_path, read_lines
 
 
+@pytest.fixture(autouse=True)
+def _single_thread(request):
+    """Tiny models run fastest on one thread on the 2 shared cores (intra-op threads only add
+    spin-waits). Tests marked ``cpp`` keep the default so the kernel's threading is exercised."""
+    if request.node.get_closest_marker("cpp") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from transformers import AutoModel, AutoTokenizer

@@ -24,13 +24,6 @@ QV_LAYERS = [f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA stopped:UserWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """MiniLM on a few short batches runs fastest on one thread (the CPU cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def call(argv):

@@ -29,13 +29,6 @@ needs_interpreted_triton = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in eva_kernels.available_backends("cpu"),
     reason="Triton on CPU needs TRITON_INTERPRET=1 set before eva_kernels is imported")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add OpenMP spin-waits on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def lora_config(targets, r=4, rho=2.0, tau=0.99):

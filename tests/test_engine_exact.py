@@ -1,7 +1,6 @@
 """The engine against the exact PCA (float64 SVD) of exactly the tokens it consumed."""
 from __future__ import annotations
 
-import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.config import EvaConfig

@@ -28,13 +28,6 @@ VOCAB_GPT2 = 101  # tiny_gpt2 in conftest.py
 D = 48            # its n_embd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run fastest on one thread (the CPU cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def lora_config(targets, r=3, **eva_kwargs):

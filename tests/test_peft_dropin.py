@@ -12,7 +12,6 @@ from peft.tuners.lora.eva import get_eva_state_dict as peft_get_eva_state_dict
 
 import eva
 from conftest import random_token_batches
-from eva_kernels import subspace_overlap
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

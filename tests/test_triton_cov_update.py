@@ -6,7 +6,6 @@ Only the upper triangle of ``cov`` is compared (the strictly lower one is unspec
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,13 +13,9 @@ import torch
 import eva_kernels
 from eva_kernels.reference import cov_update_spec
 
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
-]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from _triton_marks import DEVICE, TRITON_MARKS
+
+pytestmark = TRITON_MARKS
 
 # max |cov - ref| / max|ref| on the upper triangle, and the same for colsum
 TOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 1e-3}

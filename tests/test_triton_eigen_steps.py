@@ -4,7 +4,6 @@ Runs on CUDA when available, else on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,13 +12,9 @@ import eva_kernels
 from eva_kernels import _backends
 from eva_kernels.reference import centered_operator_matmul, sym_from_upper
 
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
-]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from _triton_marks import DEVICE, TRITON_MARKS
+
+pytestmark = TRITON_MARKS
 
 
 @pytest.fixture(scope="module")
