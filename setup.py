@@ -49,7 +49,10 @@ def _extension():
               "extension. Install torch first, then `pip install --no-build-isolation -e .`.")
         return [], {}
 
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template; without OpenMP in *this* translation unit
+    # it runs serially (torch's wheels use libgomp, so the extension shares torch's pool).
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     machine = platform.machine().lower()
     if not _flag("EVA_PORTABLE"):
         cxx.append("-march=native" if machine in ("x86_64", "amd64", "i686") else "-mcpu=native")
@@ -70,11 +73,12 @@ def _extension():
         ext = ce.CUDAExtension(
             "eva_kernels._C", sources + cu, include_dirs=include_dirs,
             define_macros=[("EVA_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode},
+            extra_link_args=link)
         kind = "CUDA (" + ", ".join(gencode) + ")"
     else:
         ext = ce.CppExtension("eva_kernels._C", sources, include_dirs=include_dirs,
-                              extra_compile_args={"cxx": cxx})
+                              extra_compile_args={"cxx": cxx}, extra_link_args=link)
         kind = "CPU only" + ("" if torch.version.cuda is None else " (nvcc not found)")
     print(f"[eva-kernels] building eva_kernels._C: {kind}; cxx flags {cxx}", file=sys.stderr)
 
