@@ -31,17 +31,8 @@ import eva_kernels
 from eva_kernels import reference
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, _ROOT)
+from _bench_utils import cpu_name  # noqa: E402
 
 
 def _slug(s: str) -> str:
@@ -107,7 +98,7 @@ def run_cpu(args) -> None:
                 rows.append(row)
                 print(f"  {row['dtype']:8s} n={n:5d} d={d:5d}  torch {t_ms:8.2f} ms  cpp {c_ms:8.2f} ms"
                       f"  x{row['speedup']:.2f}", flush=True)
-    meta = dict(device="cpu", cpu=_cpu_name(), threads=torch.get_num_threads(),
+    meta = dict(device="cpu", cpu=cpu_name(), threads=torch.get_num_threads(),
                 cpu_isa=cpp_backend.CPU_ISA, torch=torch.__version__, python=platform.python_version(),
                 date=_dt.datetime.now().isoformat(timespec="seconds"), repeats=args.repeats,
                 kc=os.environ.get("EVA_CPP_KC", "256"), load_avg_1min=os.getloadavg()[0],

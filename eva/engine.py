@@ -13,7 +13,7 @@ One run (:func:`run_eva`):
    variance ratios. Ranks are redistributed; a group converges when the cosines of all the
    components its layers currently need are >= tau, and its hook is detached (re-attached
    if its need grows).
-3. End (all converged, loader exhausted, or ``max_steps``): a float64 polish solve per group
+3. End (all converged, loader exhausted, or ``max_steps``): a polish solve per group (warm-started)
    to a residual tolerance, the final allocation, whitening, and the state dict.
 
 Hooks are removed and the model's train/eval mode restored in ``finally``.

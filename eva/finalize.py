@@ -63,7 +63,7 @@ def build_result(engine, stop_reason: str, t0: float, forward_seconds: float) ->
             "explained_variance_ratio": [float(v) for v in g.ratios[: engine.targets[name].max_components]],
             "tokens": g.tokens,
             "steps": g.steps,
-            "converged": g.converged_prefix(engine.settings.tau) >= rank or rank == 0,
+            "converged": bool(g.converged),  # the engine's decision for the layer's group
             "min_cosine": (min(g.cosines[:rank]) if g.cosines and rank else None),
         }
     for info in layers.values():
