@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--uncentered", action="store_true", help="uncentred second moment instead of PCA")
         sp.add_argument("--backend", default=None, help="eva_kernels backend: auto, torch, triton, cpp")
         sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the model is loaded in (statistics are always accumulated in fp32)")
         sp.add_argument("--out", default="eva_state_dict.safetensors", help="output safetensors file")
         sp.add_argument("--plot", default=None, help="PNG of ranks per layer and module")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,7 +66,7 @@ def _run(args, model_path: str, data_path: str, default_targets: str) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t_load = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path).to(device)
+    model = AutoModel.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).to(device)
     lines = read_lines(data_path)
     loader = TextBatches(tokenizer, lines, batch_size=args.batch_size, max_length=args.max_length)
     config = LoraConfig(r=args.rank, target_modules=target_modules, init_lora_weights="eva",
