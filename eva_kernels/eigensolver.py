@@ -105,7 +105,8 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
     d = cov.shape[0]
     dtype = cov.dtype
     if count is not None and not isinstance(count, Tensor):
-        count = torch.tensor(float(count), device=cov.device)
+        # float64: a float32 tensor would round counts above 2**24 (e.g. 2**31 - 1 -> 2**31)
+        count = torch.tensor(float(count), dtype=torch.float64, device=cov.device)
     b = min(d, k + oversample)
     steps = _backends.get("eigen_steps", _steps_backend(cov.device, backend))
     if b == d:  # the block is the whole space: exact dense solve

@@ -94,3 +94,35 @@ def token_spy(monkeypatch):
 
     monkeypatch.setattr(RunningStats, "update", spy)
     return seen
+
+
+def starve_layer_at_first(monkeypatch, victim: str, allocations: int = 2) -> None:
+    """Make the engine's first ``allocations`` rank allocations give ``victim`` rank 0.
+
+    With rank 0 the victim's group counts as converged and its hook is detached; afterwards the
+    real allocation gives it ranks again, so the group is reopened (re-hooked).
+    """
+    import eva.engine as engine_module
+    real = engine_module.redistribute_ranks
+    calls = {"n": 0}
+
+    def allocation(layers, max_components, ratios, budget):
+        calls["n"] += 1
+        ranks = real(layers, max_components, ratios, budget)
+        if calls["n"] <= allocations:
+            ranks[victim] = 0
+        return ranks
+
+    monkeypatch.setattr(engine_module, "redistribute_ranks", allocation)
+
+
+# --- hypothesis profiles (property-based tests: tests/test_fuzz_kernels.py) -------------------
+# "ci" (default): bounded and derandomized so `make test` is fast and reproducible; each test
+# runs a fraction of max_examples (triton ones the smallest). "long": `pytest
+# --hypothesis-profile=long` for deeper, randomized runs (failures are saved in .hypothesis/).
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", max_examples=250, deadline=None, derandomize=True, print_blob=True)
+_hyp_settings.register_profile("long", max_examples=1500, deadline=None, derandomize=False, print_blob=True)
+if _hyp_settings.get_current_profile_name() == "default":  # not chosen with --hypothesis-profile
+    _hyp_settings.load_profile("ci")
