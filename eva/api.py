@@ -6,6 +6,7 @@ Same arguments and return shapes as ``peft.tuners.lora.eva`` (PEFT 0.21), plus k
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterable, Optional, Union
 
@@ -18,7 +19,9 @@ from .inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
                      prepare_model_inputs_fn_language_modeling)
 from .peft_wiring import load_eva_into_peft_model
 from .result import EvaStateDict
-from .targets import check_targets_not_meta, find_targets, input_device
+from .finalize import empty_result
+from .targets import (check_targets_not_meta, find_targets, input_device, no_targets_message,
+                      unsupported_matches)
 
 
 @torch.no_grad()
@@ -68,6 +71,12 @@ def get_eva_state_dict(
         forward_fn = forward_fn_dict
     device = input_device(model)
     targets = find_targets(model, settings, is_peft_model)
+    if not targets:  # PEFT: an empty state dict, and every LoRA layer keeps the default init
+        unsupported = unsupported_matches(model, settings, is_peft_model)
+        if not unsupported:
+            raise EvaError(no_targets_message(settings, unsupported))
+        warnings.warn(no_targets_message(settings, unsupported))
+        return empty_result(settings, unsupported)
     check_targets_not_meta(targets, is_peft_model)
     ctx = model.disable_adapter() if is_peft_model else nullcontext()
     with ctx:
@@ -95,18 +104,21 @@ def initialize_lora_eva_weights(
     alpha scaled by ``new_rank / r`` when ``adjust_scaling_factors``. Returns the model.
     """
     if not hasattr(model, "peft_config"):
-        raise EvaError("model must be a PeftModel: wrap it with peft.get_peft_model(model, LoraConfig("
+        raise EvaError("model must be a PeftModel; wrap it with peft.get_peft_model(model, LoraConfig("
                        "init_lora_weights='eva', ...)) first")
     if adapter_name not in model.peft_config:
         raise EvaError(f"adapter {adapter_name!r} not found; the model has {list(model.peft_config)}")
     if len(getattr(model, "active_adapters", [adapter_name])) > 1:
-        raise EvaError("initialize_lora_eva_weights works with a single active adapter")
+        raise EvaError("`initialize_lora_eva_weights` currently only works with a single active adapter; "
+                       f"active: {list(model.active_adapters)}; call model.set_adapter({adapter_name!r}) first")
     if model.peft_config[adapter_name].init_lora_weights != "eva":
-        raise EvaError("initialize_lora_eva_weights needs LoraConfig(init_lora_weights='eva'), got "
-                       f"{model.peft_config[adapter_name].init_lora_weights!r}")
+        raise EvaError("`initialize_lora_eva_weights` can only be used with `init_lora_weights='eva'`; adapter "
+                       f"{adapter_name!r} has init_lora_weights={model.peft_config[adapter_name].init_lora_weights!r}: "
+                       "create it with LoraConfig(init_lora_weights='eva', ...)")
     if eva_state_dict is None:
         if dataloader is None:
-            raise EvaError("pass a dataloader or an eva_state_dict")
+            raise EvaError("dataloader is required if eva_state_dict is not provided; pass a dataloader of "
+                           "calibration batches, or an eva_state_dict from get_eva_state_dict")
         eva_state_dict = get_eva_state_dict(
             model, dataloader, forward_fn=forward_fn, prepare_model_inputs_fn=prepare_model_inputs_fn,
             prepare_layer_inputs_fn=prepare_layer_inputs_fn, adapter_name=adapter_name,

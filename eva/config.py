@@ -6,10 +6,18 @@ Unknown options raise a ``TypeError`` naming them.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from .errors import EvaError
+
+# Upper bounds of the solver options: larger values are mistakes (the block is capped at d anyway).
+MAX_OVERSAMPLE = 1024
+MAX_ITERS = 100
+MAX_FINAL_ITERS = 10_000
 
 
 @dataclass
@@ -49,16 +57,59 @@ class EvaOptions:
     seed: int = 0
 
     def __post_init__(self):
+        _check_bool("centered", self.centered)
+        _check_bool("skip_empty_batches", self.skip_empty_batches)
+        _check_bool("skip_rest_of_forward", self.skip_rest_of_forward)
         if self.on_unconverged not in ("warn", "error"):
             raise EvaError(f"on_unconverged must be 'warn' or 'error', got {self.on_unconverged!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise EvaError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.oversample < 0 or self.iters < 1:
-            raise EvaError("oversample must be >= 0 and iters >= 1")
-        if self.backend is not None:
-            from eva_kernels._backends import BACKEND_NAMES
-            if not isinstance(self.backend, str) or self.backend.strip().lower() not in ("auto",) + BACKEND_NAMES:
-                raise EvaError(f"backend must be None or one of auto, {', '.join(BACKEND_NAMES)}; got {self.backend!r}")
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, 1, None, "must be >= 1 or None")
+        _check_int("oversample", self.oversample, 0, MAX_OVERSAMPLE,
+                   f"must be an int in [0, {MAX_OVERSAMPLE}] (extra eigensolver columns; 8 is plenty)")
+        _check_int("iters", self.iters, 1, MAX_ITERS,
+                   f"must be an int in [1, {MAX_ITERS}] (subspace iterations per batch; iters >= 1)")
+        _check_int("final_max_iters", self.final_max_iters, 1, MAX_FINAL_ITERS,
+                   f"must be an int in [1, {MAX_FINAL_ITERS}]")
+        _check_int("seed", self.seed, 0, 2**63 - 1, "must be a non-negative int")
+        if not _is_real(self.final_tol) or not 0.0 < float(self.final_tol) < 1.0:
+            raise EvaError(f"final_tol must be a number in (0, 1) (relative residual of the final solve, "
+                           f"e.g. 1e-4), got {self.final_tol!r}")
+        self.backend = check_backend(self.backend)
+
+
+def _is_real(v) -> bool:
+    """A finite real number (bool excluded)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise EvaError(f"{name} must be True or False, got {v!r}")
+
+
+def _check_int(name: str, v, lo: int, hi: Optional[int], rule: str) -> None:
+    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+    if not ok:
+        raise EvaError(f"{name} {rule}, got {v!r}")
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    """Validate ``backend`` (or, when None, the ``EVA_BACKEND`` environment variable) up front.
+
+    Returns the normalised name (None stays None: the environment is read at each call).
+    Raises :class:`EvaError` naming the source and the valid choices, before any model runs.
+    """
+    from eva_kernels._backends import BACKEND_NAMES
+    choices = ("auto",) + BACKEND_NAMES
+    if backend is None:
+        env = os.environ.get("EVA_BACKEND")
+        if env is not None and env.strip().lower() not in choices + ("",):
+            raise EvaError(f"EVA_BACKEND={env!r} is not a backend; choose one of {', '.join(choices)} "
+                           "(or unset EVA_BACKEND)")
+        return None
+    if not isinstance(backend, str) or backend.strip().lower() not in choices:
+        raise EvaError(f"backend must be None or one of {', '.join(choices)}; got {backend!r}")
+    return backend.strip().lower()
 
 
 @dataclass
@@ -104,17 +155,39 @@ def resolve_settings(peft_config: Any, options: Dict[str, Any]) -> EvaSettings:
     vals = {k: (getattr(eva_cfg, k) if eva_cfg is not None and hasattr(eva_cfg, k) else v)
             for k, v in _EVA_DEFAULTS.items()}
     r = getattr(peft_config, "r", None)
-    if not isinstance(r, int) or r < 1:
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1:
         raise EvaError(f"peft_config.r must be a positive int, got {r!r}")
-    if vals["rho"] < 1.0:
-        raise EvaError(f"eva_config.rho must be >= 1.0, got {vals['rho']}")
-    if not 0.0 <= vals["tau"] <= 1.0:
-        raise EvaError(f"eva_config.tau must be in [0, 1], got {vals['tau']}")
+    _check_eva_values(vals)
+    rank_pattern = dict(getattr(peft_config, "rank_pattern", None) or {})
+    for key, rank in rank_pattern.items():
+        if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
+            raise EvaError(f"peft_config.rank_pattern[{key!r}] must be a positive int, got {rank!r}")
     return EvaSettings(
-        r=r,
-        rank_pattern=dict(getattr(peft_config, "rank_pattern", None) or {}),
+        r=int(r),
+        rank_pattern=rank_pattern,
         target_modules=getattr(peft_config, "target_modules", None),
         options=EvaOptions(**options),
         peft_config=peft_config,
         **vals,
     )
+
+
+def _check_eva_values(vals: Dict[str, Any]) -> None:
+    """PEFT's ``EvaConfig`` checks (same leading words), plus finiteness and types.
+
+    PEFT validates only in ``EvaConfig.__post_init__``, so a NaN (which passes ``rho < 1.0``) or a
+    value set after construction slips through there; here every value is checked before the run.
+    """
+    rho, tau = vals["rho"], vals["tau"]
+    if not _is_real(rho) or float(rho) < 1.0:
+        raise EvaError(f"`rho` must be >= 1.0; eva_config.rho is {rho!r} (a finite number >= 1.0: "
+                       "the maximum rank of a layer is r * rho)")
+    if not _is_real(tau) or not 0.0 <= float(tau) <= 1.0:
+        raise EvaError(f"`tau` must be between 0.0 and 1.0.; eva_config.tau is {tau!r} (the cosine "
+                       "threshold for convergence, 0.99 by default)")
+    for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+        if not isinstance(vals[name], bool):
+            raise EvaError(f"eva_config.{name} must be True or False, got {vals[name]!r}")
+    lmv = vals["label_mask_value"]
+    if not isinstance(lmv, numbers.Integral) or isinstance(lmv, bool):
+        raise EvaError(f"eva_config.label_mask_value must be an int (the label of ignored tokens, -100), got {lmv!r}")

@@ -34,14 +34,46 @@ from .config import EvaSettings
 from .errors import EvaError, _StopForward
 from .groups import Group, GroupFinder
 from .estimates import solve_group, sync_groups
+from .variance_floor import apply_variance_floor
 from .finalize import build_result
-from .inputs import (layer_rows_and_mask, move_inputs_to_device,
+from .inputs import (all_token_rows, layer_rows_and_mask, move_inputs_to_device,
                      prepare_layer_inputs_fn_language_modeling)
 from .result import EvaStateDict
 from .statistics import RunningStats
-from .targets import Target
+from .targets import PEFT_PREFIX, Target
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _TokenRule:
+    """Marker for a built-in layer-input rule (compared by identity, never called)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __repr__(self) -> str:
+        return f"<{self.what}>"
+
+
+MASKED_TOKENS = _TokenRule("tokens kept by the padding/label mask (fused masked update)")
+ALL_TOKENS = _TokenRule("every token of the layer input (PEFT's rule without prepare_layer_inputs_fn)")
+
+
+def _layer_mode(fn: Optional[Callable]):
+    if fn is None:
+        return ALL_TOKENS
+    if fn is prepare_layer_inputs_fn_language_modeling:
+        return MASKED_TOKENS
+    try:  # PEFT's own default is equivalent: use the fused path for it as well
+        from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling as peft_default
+        if fn is peft_default:
+            return MASKED_TOKENS
+    except ImportError:
+        pass
+    if not callable(fn):
+        raise EvaError(f"prepare_layer_inputs_fn must be a function, a mapping of layer names to functions, or None; "
+                       f"got {type(fn).__name__}")
+    return fn
 
 
 class _Engine:
@@ -74,23 +106,34 @@ class _Engine:
         self.budget = sum(t.rank for t in targets)
 
     # ---------------------------------------------------------------- set-up ---------------
-    def _layer_fns(self, fn) -> Dict[str, Optional[Callable]]:
-        """Per-layer input preparation; None marks the fused default path."""
+    def _layer_fns(self, fn) -> Dict[str, Any]:
+        """Per-layer input preparation, as PEFT resolves it.
+
+        The language-modeling default (ours or PEFT's) becomes :data:`MASKED_TOKENS` (the fused
+        masked update, no gathered copy); ``None``, and a layer missing from a mapping, become
+        :data:`ALL_TOKENS` (every row, padding included: PEFT's ``_prepare_layer_inputs_fn_default``).
+        Mapping keys may be the model's module names or, for a PeftModel, the base model's.
+        """
         if isinstance(fn, Mapping):
-            unknown = sorted(set(fn) - set(self.order))
+            by_name = {}
+            for key in fn:
+                name = self._target_name(key)
+                if name is not None:
+                    by_name[name] = fn[key]
+            unknown = [k for k in fn if self._target_name(k) is None]
             if unknown:
-                raise EvaError(f"prepare_layer_inputs_fn has entries for layers that are not EVA targets: "
-                               f"{unknown}; target layers are e.g. {self.order[:3]}")
-            return {n: fn.get(n) for n in self.order}
-        if fn is prepare_layer_inputs_fn_language_modeling or fn is None:
-            return {n: None for n in self.order}
-        try:  # PEFT's own default is equivalent: use the fused path for it as well
-            from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling as peft_default
-            if fn is peft_default:
-                return {n: None for n in self.order}
-        except ImportError:
-            pass
-        return {n: fn for n in self.order}
+                raise EvaError("prepare_layer_inputs_fn is a mapping but the following module names were not found in "
+                               f"the model: {unknown} (they must be EVA target layers; e.g. {self.order[:3]})")
+            return {n: _layer_mode(by_name.get(n)) for n in self.order}
+        return {n: _layer_mode(fn) for n in self.order}
+
+    def _target_name(self, key) -> Optional[str]:
+        if not isinstance(key, str):
+            return None
+        for cand in (key, PEFT_PREFIX + key):
+            if cand in self.targets:
+                return cand
+        return None
 
     def _attach(self, name: str) -> None:
         if name not in self.handles:
@@ -151,8 +194,10 @@ class _Engine:
                 raise _StopForward()
 
     def _accumulate(self, group: Group, name: str, layer_input, fn) -> None:
-        if fn is None:
+        if fn is MASKED_TOKENS:
             rows, mask = layer_rows_and_mask(layer_input, self.model_input, name)
+        elif fn is ALL_TOKENS:
+            rows, mask = all_token_rows(layer_input, name), None
         else:
             rows, mask = fn(layer_input, self.model_input, name), None
             if not isinstance(rows, Tensor) or rows.dim() != 2:
@@ -209,16 +254,21 @@ class _Engine:
         return max(self.ranks[m] for m in group.members)
 
     def _update_convergence(self) -> None:
+        """Re-allocate ranks from the latest ratios; (un)hook groups by what they now need.
+
+        A zero-variance group (see :mod:`eva.variance_floor`) offers no component, so it needs
+        nothing, but it is not "converged": it stays hooked while the run goes on (later batches
+        may bring variance) without holding the run up (see :meth:`_all_settled`).
+        """
         if all(g.ratios is not None for g in self.groups):
-            ratios = {m: g.ratios for g in self.groups for m in g.members}
-            maxc = {n: self.targets[n].max_components for n in self.order}
-            self.ranks = redistribute_ranks(self.order, maxc, ratios, self.budget)
+            self.ranks = redistribute_ranks(self.order, self._max_components(), self._offers(), self.budget)
         tau = self.settings.tau
         min_tokens = 1 if self.opts.centered else 0
         for g in self.groups:
             need = self._needed(g)
             enough = g.tokens >= need + min_tokens
-            g.converged = need == 0 or (enough and g.converged_prefix(tau) >= need)
+            g.converged = not g.zero_variance and (need == 0 or (enough and g.converged_prefix(tau) >= need))
+            g.ever_converged = g.ever_converged or g.converged
             if g.converged and g.hooked:
                 self._detach(g.leader)
                 g.hooked = False
@@ -226,6 +276,18 @@ class _Engine:
                 self._attach(g.leader)
                 g.hooked = True
         self.hooked_groups = sum(g.hooked for g in self.groups)
+
+    def _max_components(self) -> Dict[str, int]:
+        return {n: self.targets[n].max_components for n in self.order}
+
+    def _offers(self) -> Dict[str, List[float]]:
+        """Explained variance ratios per layer for the allocation; zero-variance groups offer none."""
+        return {m: ([] if g.zero_variance else g.ratios) for g in self.groups for m in g.members}
+
+    def _all_settled(self) -> bool:
+        """Every group converged or zero-variance, and at least one converged."""
+        return (all(g.converged or g.zero_variance for g in self.groups)
+                and any(g.converged for g in self.groups))
 
     # ---------------------------------------------------------------- main loop ------------
     def run(self, dataloader) -> EvaStateDict:
@@ -278,11 +340,12 @@ class _Engine:
                     g.solves += 1
                     g.steps += 1
                 sync_groups(captured, self.step)
+                apply_variance_floor(self.groups)
                 self.step += 1
                 self._update_convergence()
                 if pbar is not None:
                     self._report(pbar, t0)
-                if all(g.converged for g in self.groups):
+                if self._all_settled():
                     stop_reason = "converged"
                     break
         finally:
@@ -308,9 +371,18 @@ class _Engine:
         return tqdm(total=total, desc="EVA", leave=False, unit="batch")
 
     def _report(self, pbar, t0) -> None:
-        layers_done = sum(len(g.members) for g in self.groups if g.converged)
+        """Converged layers now, and how many converged earlier but were reopened.
+
+        The count can go down: when the allocation moves ranks, a layer that had converged on
+        the components it needed may need more, which must converge too (it is re-hooked).
+        """
+        layers_now = sum(len(g.members) for g in self.groups if g.converged)
+        reopened = sum(len(g.members) for g in self.groups if g.ever_converged and not g.converged)
         tokens = max((g.tokens for g in self.groups), default=0)
-        pbar.set_description(f"EVA {layers_done}/{len(self.order)} layers converged")
+        desc = f"EVA {layers_now}/{len(self.order)} layers converged"
+        if reopened:
+            desc += f" ({reopened} reopened: rank moved to them)"
+        pbar.set_description(desc)
         pbar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         pbar.update(1)
 
@@ -322,6 +394,12 @@ def run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inpu
     """Run the engine with the model in eval mode under no_grad; hooks and mode always restored."""
     engine = _Engine(model, targets, settings, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn,
                      device, gather_distributed_inputs, show_progress_bar)
+    if engine.distributed:  # PEFT's warning, word for word, then how we combine the ranks
+        warnings.warn("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
+                      "initialization will gather tensors from all ranks. Ensure the model does not receive the "
+                      "same inputs on different ranks. (eva-kernels sums each layer's statistics over the ranks "
+                      "instead of gathering activations; pass gather_distributed_inputs=False for independent "
+                      "per-rank runs.)")
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -5,6 +5,10 @@ class EvaError(ValueError):
     """Bad input or a state the engine cannot continue from; the message names what and how to fix."""
 
 
+class EvaTypeError(EvaError, TypeError):
+    """A wrong type where PEFT raises ``TypeError`` (so ``except TypeError`` keeps working)."""
+
+
 class EvaNotConvergedError(EvaError):
     """Data ran out (or ``max_steps`` was hit) before every needed component converged."""
 

@@ -1,8 +1,10 @@
 """Per-group eigen-estimates: one warm-started solve per group per step, one host sync per step.
 
-``solve_group`` leaves device tensors in ``group.pending`` (explained variance ratios, token
-count, a finiteness flag, cosines with the previous estimate); ``sync_groups`` brings all of
-them to the host in one transfer per device and raises if a group saw NaN/Inf.
+``solve_group`` leaves device tensors in ``group.pending`` (eigenvalues, the variance terms of
+:mod:`eva.variance_floor`, token count, a finiteness flag, cosines with the previous estimate);
+``sync_groups`` brings all of them to the host in one transfer per device and raises if a group
+saw NaN/Inf. Explained variance ratios are formed on the host by
+:func:`eva.variance_floor.apply_variance_floor`, which needs every group's variance at once.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from . import distributed as dist_utils
 from .config import EvaOptions
 from .errors import EvaError
 from .groups import Group
-from .statistics import RunningStats
 
 
 def _nan_error(members, step: int) -> EvaError:
@@ -40,9 +41,9 @@ def _solve(group: Group, opts: EvaOptions, step: int, distributed: bool, final: 
         res = eva_kernels.topk_eigh(
             cov, k, colsum=c_sum, count=c_cnt, init=group.basis, oversample=opts.oversample, iters=opts.iters,
             seed=opts.seed + step, return_basis=True, backend=opts.backend)
-    total = RunningStats.total_variance(cov, c_sum, c_cnt)
     pending = {
-        "ratios": res.eigenvalues.to(torch.float64) / total,
+        "eig": res.eigenvalues.to(torch.float64),
+        "var": stats.variance_terms(cov, colsum, count),
         "count": count.to(torch.float64).reshape(1),
         "finite": torch.isfinite(colsum).all().to(torch.float64).reshape(1)
         * torch.isfinite(torch.diagonal(cov)).all().to(torch.float64),
@@ -88,7 +89,8 @@ def sync_groups(groups: List[Group], step: int) -> None:
             g.pending = {}
             if vals["finite"][0] != 1.0:
                 raise _nan_error(g.members, step)
-            g.ratios = vals["ratios"]
+            g.eigenvalues_host = vals["eig"]
+            g.variance = tuple(vals["var"])
             g.tokens = int(round(vals["count"][0]))
             if "cos" in vals:
                 g.cosines = vals["cos"]

@@ -13,12 +13,28 @@ import eva_kernels
 from .allocation import redistribute_ranks
 from .errors import EvaError, EvaNotConvergedError
 from .estimates import solve_group, sync_groups
-from .result import EvaStateDict
+from .result import FORMAT, EvaStateDict
+from .variance_floor import apply_variance_floor
+
+
+def _check_zero_variance(flagged, n_groups: int) -> None:
+    """One warning naming the zero-variance layers; an error when every group is one."""
+    if not flagged:
+        return
+    names = [m for g in flagged for m in g.members]
+    shown = f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+    if len(flagged) == n_groups:
+        raise EvaError(f"every target layer saw inputs with (near-)zero variance (constant up to rounding noise), "
+                       f"so there is nothing to initialise from: {shown}; are all tokens of the calibration data "
+                       "the same (one repeated token or sentence)? Calibrate on varied data")
+    warnings.warn(f"EVA: {len(names)} layer(s) saw inputs with (near-)zero variance (constant up to rounding "
+                  f"noise) and get rank 0: {shown}; their share of the rank budget went to the other layers. "
+                  "Calibrate on more varied data, or leave them out of target_modules")
 
 
 def build_result(engine, stop_reason: str, t0: float, forward_seconds: float) -> EvaStateDict:
     """Polish every group's estimate, allocate the final ranks, whiten, and assemble the result."""
-    unconverged = [g for g in engine.groups if not g.converged]
+    unconverged = [g for g in engine.groups if not g.converged and not g.zero_variance]
     if unconverged:
         names = [m for g in unconverged for m in g.members]
         msg = (f"EVA stopped ({stop_reason} after {engine.step} batches) before {len(names)} layer(s) converged "
@@ -35,9 +51,8 @@ def build_result(engine, stop_reason: str, t0: float, forward_seconds: float) ->
     for g in solved:
         solve_group(g, engine.opts, engine.step, engine.distributed, final=True)
     sync_groups(solved, engine.step)
-    ratios = {m: g.ratios for g in engine.groups for m in g.members}
-    maxc = {n: engine.targets[n].max_components for n in engine.order}
-    engine.ranks = redistribute_ranks(engine.order, maxc, ratios, engine.budget)
+    _check_zero_variance(apply_variance_floor(solved), len(solved))
+    engine.ranks = redistribute_ranks(engine.order, engine._max_components(), engine._offers(), engine.budget)
     polish_seconds = time.perf_counter() - t_polish
     min_tokens = 1 if engine.opts.centered else 0
     state, layers = {}, {}
@@ -64,13 +79,14 @@ def build_result(engine, stop_reason: str, t0: float, forward_seconds: float) ->
             "tokens": g.tokens,
             "steps": g.steps,
             "converged": bool(g.converged),  # the engine's decision for the layer's group
+            "zero_variance": bool(g.zero_variance),  # offered no component (see eva.variance_floor)
             "min_cosine": (min(g.cosines[:rank]) if g.cosines and rank else None),
         }
     for info in layers.values():
         if info["min_cosine"] is not None and math.isnan(info["min_cosine"]):
             info["min_cosine"] = None
     meta = {
-        "format": "eva-kernels/1",
+        "format": FORMAT,
         "order": list(engine.order),
         "settings": engine.settings.metadata(),
         "layers": layers,
@@ -90,3 +106,18 @@ def build_result(engine, stop_reason: str, t0: float, forward_seconds: float) ->
         },
     }
     return EvaStateDict(state, metadata=meta)
+
+
+def empty_result(settings, unsupported) -> EvaStateDict:
+    """The result when no targeted layer is one EVA initialises (PEFT returns ``{}`` too)."""
+    meta = {
+        "format": FORMAT,
+        "order": [],
+        "settings": settings.metadata(),
+        "layers": {},
+        "groups": [],
+        "run": {"steps": 0, "stop_reason": "no_eva_targets", "rank_budget": 0, "seconds": 0.0,
+                "unsupported_layers": list(unsupported), "eva_kernels_version": eva_kernels.__version__,
+                "torch_version": torch.__version__},
+    }
+    return EvaStateDict({}, metadata=meta)

@@ -41,12 +41,16 @@ class Group:
     basis: Optional[Tensor] = None      # (b, d) Ritz basis: warm start for the next solve
     components: Optional[Tensor] = None  # (max_components, d)
     eigenvalues: Optional[Tensor] = None
-    ratios: Optional[List[float]] = None  # explained variance ratios (host)
+    eigenvalues_host: Optional[List[float]] = None  # (host) descending
+    variance: Optional[tuple] = None    # (host) (V, S, R): see eva.variance_floor
+    ratios: Optional[List[float]] = None  # explained variance ratios (host), 0 when zero_variance
+    zero_variance: bool = False         # (near-)zero total variance: offers nothing, rank 0
     cosines: Optional[List[float]] = None  # |cos| with the previous estimate (host)
     solves: int = 0
     steps: int = 0                      # batches consumed
     tokens: int = 0
     converged: bool = False
+    ever_converged: bool = False        # converged at some step (a rank reallocation can reopen it)
     hooked: bool = False
     pending: Dict[str, Tensor] = field(default_factory=dict)  # device values awaiting one sync
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .errors import EvaError
+from .errors import EvaError, EvaTypeError
 
 
 def forward_fn_dict(model, inputs):
@@ -30,9 +30,9 @@ def prepare_model_inputs_fn_language_modeling(model_input, peft_config) -> Tenso
     """Boolean token mask (B, T): the attention mask, AND ``labels != label_mask_value``
     when ``eva_config.use_label_mask`` (default True) and the batch has labels."""
     if not isinstance(model_input, Mapping):
-        raise EvaError("prepare_model_inputs_fn_language_modeling needs dict batches (input_ids, "
-                       f"attention_mask, ...), got {type(model_input).__name__}; pass "
-                       "prepare_model_inputs_fn=None or your own function")
+        raise EvaTypeError("When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary; "
+                           f"got {type(model_input).__name__} batches: pass dict batches (input_ids, attention_mask, "
+                           "...), or prepare_model_inputs_fn=None (or your own function)")
     if "attention_mask" in model_input:
         mask = model_input["attention_mask"].bool()
     elif "input_ids" in model_input:
@@ -48,13 +48,22 @@ def prepare_model_inputs_fn_language_modeling(model_input, peft_config) -> Tenso
     return mask
 
 
-def _first_tensor(layer_input) -> Tensor:
+def _first_tensor(layer_input, layer_name: str) -> Tensor:
     if isinstance(layer_input, Tensor):
         return layer_input
     if isinstance(layer_input, (tuple, list)) and layer_input and isinstance(layer_input[0], Tensor):
         return layer_input[0]
-    raise TypeError(f"unsupported layer input type {type(layer_input).__name__}: "
-                    "pass a prepare_layer_inputs_fn that returns a (tokens, d) tensor")
+    raise EvaTypeError(f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer {layer_name}, "
+                       "please provide a custom prepare_layer_inputs_fn (it must return a (tokens, d) tensor)")
+
+
+def all_token_rows(layer_input, layer_name: str) -> Tensor:
+    """Every row of a layer's input as (N, d), no mask: PEFT's behaviour when a layer has no
+    ``prepare_layer_inputs_fn`` (``None``, or missing from a mapping). Padding is included."""
+    x = _first_tensor(layer_input, layer_name)
+    if x.dim() < 1:
+        raise EvaError(f"layer {layer_name}: input is a scalar, expected (..., d) activations")
+    return x.reshape(-1, x.shape[-1])
 
 
 def layer_rows_and_mask(layer_input, model_input, layer_name: str) -> Tuple[Tensor, Optional[Tensor]]:
@@ -66,7 +75,7 @@ def layer_rows_and_mask(layer_input, model_input, layer_name: str) -> Tuple[Tens
     * index tensor (N, ndim) (PEFT's ``mask.nonzero()``): gathered rows, no mask;
     * None or a dict without ``attention_mask``: every row.
     """
-    x = _first_tensor(layer_input)
+    x = _first_tensor(layer_input, layer_name)
     if x.dim() < 1:
         raise EvaError(f"layer {layer_name}: input is a scalar, expected (..., d) activations")
     d = x.shape[-1]
@@ -95,7 +104,8 @@ def layer_rows_and_mask(layer_input, model_input, layer_name: str) -> Tuple[Tens
         if idx.shape[1] == x.dim() - 1:
             return x[tuple(idx.T)], None
     raise EvaError(f"layer {layer_name}: cannot use model input of dtype {mask.dtype} and shape "
-                   f"{tuple(mask.shape)} as a token mask")
+                   f"{tuple(mask.shape)} as a token mask; to use every token pass prepare_layer_inputs_fn=None, "
+                   "or make prepare_model_inputs_fn return a bool (batch, seq) mask")
 
 
 def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name) -> Tensor:
@@ -118,5 +128,6 @@ def move_inputs_to_device(inputs: Any, device: Optional[torch.device]):
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(move_inputs_to_device(v, device) for v in inputs)
     if not isinstance(inputs, (int, float, str, bool, type(None))):
-        warnings.warn(f"input of type {type(inputs).__name__} could not be moved to {device}")
+        warnings.warn(f"input of type {type(inputs)} could not be moved to the correct device ({device}); "
+                      "it is passed to forward_fn as it is")
     return inputs

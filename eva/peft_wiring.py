@@ -6,7 +6,9 @@ For every LoRA layer of ``adapter_name``:
 * found with rank r' != r (or LoRA weights still on meta): ``update_layer`` re-creates the
   adapter with rank r' and ``alpha * r' / r`` when ``adjust_scaling_factors``;
 * lora_A <- the components (cast to lora_A's dtype/device), lora_B <- 0;
-* missing: default LoRA init (PEFT's behaviour) and a warning.
+* missing (no entry, or a LoRA layer type EVA does not initialise: Embedding, Conv2d, ...):
+  default LoRA init (``init_lora_weights=True``) and PEFT's warning; the layer stays in
+  ``target_modules``, so a saved adapter keeps it.
 
 ``rank_pattern``, ``alpha_pattern`` and ``target_modules`` of the adapter's config are updated.
 Every entry is checked (shape vs the layer's in_features, unknown names) before any layer changes.
@@ -47,7 +49,7 @@ def load_eva_into_peft_model(model, eva_state_dict: Dict[str, torch.Tensor], ada
     lora_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     plan, used = [], set()
     for name, module in lora_layers:
-        if adapter_name not in module.lora_A:
+        if adapter_name not in getattr(module, "r", {}):  # every LoRA layer type keeps r per adapter
             continue
         key = _lookup(eva_state_dict, name)
         w = None
@@ -55,6 +57,9 @@ def load_eva_into_peft_model(model, eva_state_dict: Dict[str, torch.Tensor], ada
             w = eva_state_dict[key]
             used.add(key)
             d = in_features_of(module)
+            if d is None:
+                raise EvaError(f"eva_state_dict[{key!r}]: layer {name} is a LoRA {type(module).__name__}, which EVA "
+                               "does not initialise (only Linear and Conv1D); remove the entry")
             if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != d:
                 raise EvaError(f"eva_state_dict[{key!r}] has shape {tuple(getattr(w, 'shape', ()))} but layer "
                                f"{name} needs (rank, {d})")
@@ -112,5 +117,8 @@ def load_eva_into_peft_model(model, eva_state_dict: Dict[str, torch.Tensor], ada
     model.peft_config[adapter_name].rank_pattern = rank_pattern
     model.peft_config[adapter_name].alpha_pattern = alpha_pattern
     if missing:
-        warnings.warn(f"layers initialised with the default LoRA init because the EVA state dict has no entry "
-                      f"for them: {missing[:8]}")
+        kinds = sorted({type(m).__name__ for n, m, w in plan if w is None and in_features_of(m) is None})
+        detail = (f"; EVA initialises LoRA layers on nn.Linear and transformers Conv1D only (these are LoRA {kinds})"
+                  if kinds else "")
+        warnings.warn("the following layers were initialized with init_lora_weights=True because they were not "
+                      f"found in the eva state_dict: {missing}{detail}")

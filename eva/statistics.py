@@ -34,6 +34,7 @@ class RunningStats:
         self.colsum = torch.zeros(d, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.shift: Optional[Tensor] = None
+        self.input_roundoff = 0.0  # unit roundoff of the coarsest input dtype seen (host, no sync)
 
     def _init_shift(self, x: Tensor, mask: Optional[Tensor]) -> None:
         if not self.centered:
@@ -53,14 +54,11 @@ class RunningStats:
         # the finiteness check on colsum reports it.
         self.shift = torch.nan_to_num(self.shift, nan=0.0, posinf=0.0, neginf=0.0).contiguous()
 
-    def set_shift(self, shift: Optional[Tensor]) -> None:
-        """Use a given reference (distributed runs: the same on every rank)."""
-        self.shift = None if shift is None else shift.to(torch.float32).contiguous()
-
     def update(self, x: Tensor, mask: Optional[Tensor]) -> None:
         """Accumulate rows ``x`` (N, d) (kept where ``mask``); no host sync."""
         if self.shift is None and self.centered:
             self._init_shift(x, mask)
+        self.input_roundoff = max(self.input_roundoff, torch.finfo(x.dtype).eps / 2)
         n = eva_kernels.cov_update(self.cov, self.colsum, x, mask, shift=self.shift, backend=self.backend)
         self.count += n
 
@@ -69,11 +67,22 @@ class RunningStats:
         """(colsum, count) arguments of ``topk_eigh`` for the chosen mode."""
         return (colsum, count) if self.centered else (None, None)
 
-    @staticmethod
-    def total_variance(cov: Tensor, colsum: Optional[Tensor], count: Optional[Tensor]) -> Tensor:
-        """trace of the (centred) scatter matrix, float64, 0-d (no sync)."""
-        tr = torch.diagonal(cov).to(torch.float64).sum()
-        if colsum is not None:
-            c = colsum.to(torch.float64)
-            tr = tr - (c @ c) / count.to(torch.float64).clamp_min(1)
-        return tr.clamp_min(torch.finfo(torch.float64).tiny)
+    def variance_terms(self, cov: Tensor, colsum: Tensor, count: Tensor) -> Tensor:
+        """(3,) float64 ``[V, S, R]`` for the zero-variance test (no sync; see :mod:`eva.variance_floor`).
+
+        ``S = trace(cov) = sum ||x_i - s||^2`` (what was accumulated about the shift ``s``),
+        ``V = S - ||colsum||^2 / n`` the total variance (centred mode; ``V = S`` uncentred),
+        ``R = S + 2 s . colsum + n ||s||^2 = sum ||x_i||^2`` the raw energy of the tokens.
+        ``cov``/``colsum``/``count`` may be the rank-summed ones of a distributed run.
+        """
+        acc = torch.diagonal(cov).to(torch.float64).sum()
+        if not self.centered:
+            return torch.stack([acc, acc, acc])
+        c = colsum.to(torch.float64)
+        n = count.to(torch.float64)
+        total = acc - (c @ c) / n.clamp_min(1)
+        raw = acc
+        if self.shift is not None:
+            s = self.shift.to(torch.float64)
+            raw = acc + 2 * (s @ c) + n * (s @ s)
+        return torch.stack([total, acc, raw])

@@ -80,19 +80,20 @@ def _output_embedding_names(model: nn.Module) -> set:
     return {n for n, m in model.named_modules() if out is not None and m is out}
 
 
-def _is_lora_target(module: nn.Module) -> bool:
+def _is_lora_layer(module: nn.Module) -> bool:
     try:
         from peft.tuners.lora.layer import LoraLayer
-        if not isinstance(module, LoraLayer):
-            return False
+        return isinstance(module, LoraLayer)
     except ImportError:
-        if not hasattr(module, "base_layer"):
-            return False
-    return in_features_of(module) is not None
+        return hasattr(module, "base_layer")
+
+
+def _is_lora_target(module: nn.Module) -> bool:
+    return _is_lora_layer(module) and in_features_of(module) is not None
 
 
 def find_targets(model: nn.Module, settings, is_peft_model: bool) -> List[Target]:
-    """Target layers in ``model.named_modules()`` order. Raises if there are none."""
+    """Target layers EVA computes components for, in ``model.named_modules()`` order (may be empty)."""
     targets: List[Target] = []
     tm = settings.target_modules
     all_linear = isinstance(tm, str) and tm.lower() == "all-linear"
@@ -111,11 +112,39 @@ def find_targets(model: nn.Module, settings, is_peft_model: bool) -> List[Target
         key = _pattern_key(settings.rank_pattern, name) if settings.rank_pattern else None
         r = int(settings.rank_pattern[key]) if key is not None else settings.r
         targets.append(Target(name, module, d, r, max(1, min(d, round(r * settings.rho)))))
-    if not targets:
-        raise EvaError(
-            f"no target layers found for target_modules={tm!r}: EVA needs nn.Linear or "
-            "transformers Conv1D layers; check the names against model.named_modules()")
     return targets
+
+
+def unsupported_matches(model: nn.Module, settings, is_peft_model: bool) -> List[str]:
+    """Layers the user targeted that EVA cannot initialise (Embedding, Conv2d, ... LoRA layers).
+
+    PeftModel: LoRA layers whose base layer is not Linear / Conv1D. Plain model: modules whose
+    names match ``target_modules`` but that are not Linear / Conv1D (containers excluded).
+    """
+    tm = settings.target_modules
+    explicit = tm is not None and not (isinstance(tm, str) and tm.lower() == "all-linear")
+    names = []
+    for name, module in model.named_modules():
+        if in_features_of(module) is not None:
+            continue
+        if is_peft_model:
+            if _is_lora_layer(module):
+                names.append(name)
+        elif explicit and not list(module.children()) and _matches(settings.peft_config, tm, name):
+            names.append(name)
+    return names
+
+
+def no_targets_message(settings, unsupported: List[str]) -> str:
+    """Why EVA has nothing to compute (one line)."""
+    tm = settings.target_modules
+    if unsupported:
+        return (f"EVA found no layer it can initialise for target_modules={tm!r}: the targeted layers "
+                f"{unsupported[:6]}{' ...' if len(unsupported) > 6 else ''} are not nn.Linear or transformers Conv1D "
+                "layers, so the eva state dict is empty and initialize_lora_eva_weights gives them the default LoRA "
+                "init (init_lora_weights=True), as PEFT does")
+    return (f"no target layers found for target_modules={tm!r}: EVA needs nn.Linear or transformers Conv1D layers; "
+            "check the names against model.named_modules()")
 
 
 def input_device(model: nn.Module) -> Optional[torch.device]:

@@ -142,7 +142,9 @@ def test_round_trip_of_a_fresh_result(tiny_gpt2, tmp_path):
     sd.save(str(path))
     back = load_eva_state_dict(str(path))
     assert list(back) == list(sd)
-    assert back.metadata == json.loads(json.dumps(sd.metadata, default=str))
+    expected = json.loads(json.dumps(sd.metadata, default=str))
+    expected["layers"]["h.0.mlp.c_fc"]["rank"] = 0  # the file's metadata follows the edited tensor
+    assert back.metadata == expected
     assert back.metadata["settings"]["rank_pattern"] == {"h.1.mlp.c_fc": 1}
     for name in sd:
         assert back[name].shape == sd[name].shape
@@ -168,12 +170,14 @@ def test_data_without_text(tmp_path, capsys):
     assert "eva: error: --data" in capsys.readouterr().err
 
 
-def test_engine_errors_become_exit_code_2(tmp_path, data_file, capsys):
+def test_unmatched_target_modules_exit_2(tmp_path, data_file, capsys):
+    """Caught before loading (on a weightless copy of the model), naming the layers there are."""
     rc = main(["init", "--model", bundled_model_path(), "--data", str(data_file), "--target-modules", "nothing",
                "--max-length", "16", "--max-steps", "1", "--out", str(tmp_path / "x.safetensors"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "eva: error: no target layers found" in err and "nothing" in err
+    assert err.startswith("eva: error: --target-modules 'nothing' matches no linear layer") and err.count("\n") == 1
+    assert "attention.self.query" in err and "all-linear" in err
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -199,11 +203,14 @@ def test_inspect_missing_file(tmp_path, capsys):
 
 
 def test_bad_backend_name(tmp_path, data_file, capsys):
-    rc = main(["init", "--model", bundled_model_path(), "--data", str(data_file), "--backend", "bogus",
-               "--target-modules", "query", "--max-length", "16", "--max-steps", "1",
-               "--out", str(tmp_path / "x.safetensors"), "--quiet"])
-    assert rc == 2
-    assert "eva: error" in capsys.readouterr().err
+    """Rejected while parsing (argparse: exit 2, one line naming the choices)."""
+    with pytest.raises(SystemExit) as info:
+        main(["init", "--model", bundled_model_path(), "--data", str(data_file), "--backend", "bogus",
+              "--target-modules", "query", "--max-length", "16", "--max-steps", "1",
+              "--out", str(tmp_path / "x.safetensors"), "--quiet"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eva init: error: argument --backend: 'bogus' is not a backend") and "torch" in err
 
 
 def test_help_subprocess():
@@ -226,7 +233,9 @@ def test_demo(tmp_path):
     assert f"data {bundled_calibration_path()}" in stdout
     assert "2 batches, stop: max_steps" in stdout
     table = rank_table(stdout)
-    assert len(table) == 6 * 6 + 1 and "pooler.dense" in table  # query,key,value,dense defaults
+    # every encoder linear layer (6 per block); pooler.dense (unused by sentence embeddings) is left out
+    assert len(table) == 6 * 6 and "pooler.dense" not in table
+    assert all(name.startswith("encoder.layer.") for name in table)
     assert sum(table.values()) == 8 * len(table)
     assert out.is_file() and png.read_bytes()[:8] == PNG_MAGIC
     assert list(load_eva_state_dict(str(out))) == list(table)

@@ -6,8 +6,7 @@ from peft import LoraConfig
 from peft.tuners.lora.config import EvaConfig
 
 import eva
-import eva.engine as engine_module
-from conftest import random_token_batches
+from conftest import random_token_batches, starve_layer_at_first
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -18,17 +17,8 @@ def cfg(tau):
 
 def test_group_reattached_when_its_rank_grows(tiny_llama, monkeypatch, token_spy):
     victim = "layers.0.self_attn.o_proj"
-    real = engine_module.redistribute_ranks
-    calls = {"n": 0}
-
-    def allocation(layers, max_components, ratios, budget):
-        calls["n"] += 1
-        ranks = real(layers, max_components, ratios, budget)
-        if calls["n"] <= 2:  # after batches 0 and 1 the victim needs nothing: converged, hook detached
-            ranks[victim] = 0
-        return ranks
-
-    monkeypatch.setattr(engine_module, "redistribute_ranks", allocation)
+    # after batches 0 and 1 the victim needs nothing: converged, hook detached
+    starve_layer_at_first(monkeypatch, victim, allocations=2)
     batches = random_token_batches(tiny_llama.config.vocab_size, 6, batch=3, seq=11)
     sd = eva.get_eva_state_dict(tiny_llama, batches, cfg(tau=1.0), show_progress_bar=False)
     info = sd.metadata["layers"]

@@ -354,13 +354,28 @@ def _cfg_with(**eva_fields):
 
 
 @pytest.mark.parametrize("cfg_kw, options, message", [
-    (dict(rho=0.5), {}, r"eva_config\.rho must be >= 1\.0, got 0\.5"),
-    (dict(tau=1.5), {}, r"eva_config\.tau must be in \[0, 1\], got 1\.5"),
-    (dict(tau=-0.1), {}, r"eva_config\.tau must be in \[0, 1\]"),
+    (dict(rho=0.5), {}, r"^`rho` must be >= 1\.0.*eva_config\.rho is 0\.5"),
+    (dict(rho=float("nan")), {}, r"^`rho` must be >= 1\.0.*eva_config\.rho is nan"),
+    (dict(rho=float("inf")), {}, r"^`rho` must be >= 1\.0.*eva_config\.rho is inf"),
+    (dict(tau=1.5), {}, r"^`tau` must be between 0\.0 and 1\.0\..*eva_config\.tau is 1\.5"),
+    (dict(tau=-0.1), {}, r"^`tau` must be between 0\.0 and 1\.0\."),
+    (dict(tau=float("nan")), {}, r"^`tau` must be between 0\.0 and 1\.0\..*nan"),
+    (dict(whiten="yes"), {}, r"eva_config\.whiten must be True or False, got 'yes'"),
+    (dict(label_mask_value=1.5), {}, r"eva_config\.label_mask_value must be an int"),
     ({}, dict(max_steps=0), r"max_steps must be >= 1 or None, got 0"),
+    ({}, dict(max_steps=2.5), r"max_steps must be >= 1 or None, got 2\.5"),
     ({}, dict(on_unconverged="ignore"), r"on_unconverged must be 'warn' or 'error', got 'ignore'"),
     ({}, dict(iters=0), r"iters >= 1"),
-], ids=["rho<1", "tau>1", "tau<0", "max_steps=0", "on_unconverged", "iters=0"])
+    ({}, dict(oversample=10**6), r"oversample must be an int in \[0, 1024\].*got 1000000"),
+    ({}, dict(oversample=-1), r"oversample must be an int in \[0, 1024\]"),
+    ({}, dict(final_tol=-1), r"final_tol must be a number in \(0, 1\).*got -1"),
+    ({}, dict(final_tol=float("nan")), r"final_tol must be a number in \(0, 1\)"),
+    ({}, dict(final_max_iters=0), r"final_max_iters must be an int in \[1, 10000\]"),
+    ({}, dict(centered="no"), r"centered must be True or False, got 'no'"),
+    ({}, dict(seed=-3), r"seed must be a non-negative int, got -3"),
+], ids=["rho<1", "rho=nan", "rho=inf", "tau>1", "tau<0", "tau=nan", "whiten=str", "label_mask_value=float",
+        "max_steps=0", "max_steps=float", "on_unconverged", "iters=0", "oversample=1e6", "oversample<0",
+        "final_tol<0", "final_tol=nan", "final_max_iters=0", "centered=str", "seed<0"])
 def test_bad_settings(gpt2, cfg_kw, options, message):
     spy, before = Spy(gpt2), snapshot(gpt2)
     with pytest.raises(EvaError, match=message):
@@ -369,12 +384,31 @@ def test_bad_settings(gpt2, cfg_kw, options, message):
     assert_restored(gpt2, before)
 
 
-def test_bad_rank(gpt2):
+@pytest.mark.parametrize("r", [0, True, 2.0, None], ids=["zero", "bool", "float", "none"])
+def test_bad_rank(gpt2, r):
     cfg = lora_config(["c_attn"])
-    cfg.r = 0
+    cfg.r = r
     spy, before = Spy(gpt2), snapshot(gpt2)
-    with pytest.raises(EvaError, match=r"peft_config\.r must be a positive int, got 0"):
+    with pytest.raises(EvaError, match=rf"peft_config\.r must be a positive int, got {r!r}"):
         run(gpt2, batches(2), cfg, forward_fn=spy.forward_fn)
+    spy.assert_untouched()
+    assert_restored(gpt2, before)
+
+
+def test_bad_rank_pattern(gpt2):
+    cfg = lora_config(["c_attn"])
+    cfg.rank_pattern = {"h.0.attn.c_attn": 0}
+    spy = Spy(gpt2)
+    with pytest.raises(EvaError, match=r"rank_pattern\['h\.0\.attn\.c_attn'\] must be a positive int, got 0"):
+        run(gpt2, batches(2), cfg, forward_fn=spy.forward_fn)
+    spy.assert_untouched()
+
+
+def test_unknown_eva_backend_env_rejected_before_the_model_runs(gpt2, monkeypatch):
+    monkeypatch.setenv("EVA_BACKEND", "cuda-fast")
+    spy, before = Spy(gpt2), snapshot(gpt2)
+    with pytest.raises(EvaError, match=r"EVA_BACKEND='cuda-fast' is not a backend; choose one of auto, torch"):
+        run(gpt2, batches(2), forward_fn=spy.forward_fn)
     spy.assert_untouched()
     assert_restored(gpt2, before)
 
@@ -412,7 +446,7 @@ def test_target_modules_matching_nothing(gpt2):
 
 def test_non_dict_batches_need_own_model_inputs_fn(gpt2):
     before = snapshot(gpt2)
-    with pytest.raises(EvaError, match=r"needs dict batches.*prepare_model_inputs_fn=None"):
+    with pytest.raises(TypeError, match=r"^When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary.*prepare_model_inputs_fn=None"):
         run(gpt2, [b["input_ids"] for b in batches(2)], forward_fn=lambda m, x: m(input_ids=x))
     assert_restored(gpt2, before)
 
@@ -445,7 +479,8 @@ def test_prepare_layer_inputs_fn_bad_output(gpt2, fn, message):
 def test_prepare_layer_inputs_fn_dict_with_unknown_layer(gpt2):
     spy, before = Spy(gpt2), snapshot(gpt2)
     fns = {"h.0.attn.c_attn": lambda x, mi, n: x[0].reshape(-1, D), "h.0.attn.c_atn": lambda x, mi, n: x[0]}
-    with pytest.raises(EvaError, match=r"not EVA targets: \['h\.0\.attn\.c_atn'\].*h\.0\.attn\.c_attn"):
+    with pytest.raises(EvaError, match=r"^prepare_layer_inputs_fn is a mapping but the following module names were not found in the "
+                       r"model: \['h\.0\.attn\.c_atn'\].*h\.0\.attn\.c_attn"):
         run(gpt2, batches(2), lora_config(["c_attn"]), prepare_layer_inputs_fn=fns, forward_fn=spy.forward_fn)
     spy.assert_untouched()
     assert_restored(gpt2, before)
@@ -598,14 +633,14 @@ def test_initialize_requires_eva_init(tiny_llama):
         warnings.simplefilter("ignore")
         model = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
     before = _peft_state(model)
-    with pytest.raises(EvaError, match=r"init_lora_weights='eva'.*got True"):
+    with pytest.raises(EvaError, match=r"^`initialize_lora_eva_weights` can only be used with `init_lora_weights='eva'`.*=True"):
         eva.initialize_lora_eva_weights(model, llama_batches())
     assert_peft_unchanged(model, before)
 
 
 def test_initialize_needs_data_or_state_dict(peft_llama):
     before = _peft_state(peft_llama)
-    with pytest.raises(EvaError, match="pass a dataloader or an eva_state_dict"):
+    with pytest.raises(EvaError, match="^dataloader is required if eva_state_dict is not provided"):
         eva.initialize_lora_eva_weights(peft_llama)
     assert_peft_unchanged(peft_llama, before)
 

@@ -1,0 +1,222 @@
+"""The check phase of ``eva init`` / ``eva demo``: every input, before anything heavy loads.
+
+:func:`check_inputs` runs the checks in the order ``eva init --help`` lists them and returns a
+:class:`Plan`; each failure is an :class:`eva.errors.EvaError` with one line naming the argument
+and the fix.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..errors import EvaError
+from .arguments import one_line
+
+@dataclass
+class Plan:
+    """Everything ``_run`` needs, produced by the check phase (nothing heavy loaded yet)."""
+
+    model_path: str
+    data_path: str
+    lines: List[str]
+    device: str
+    lora_config: Any
+    options: Dict[str, Any]
+
+
+def _targets_text(target_modules: Union[str, List[str]]) -> str:
+    """``--target-modules`` as the user would type it."""
+    return target_modules if isinstance(target_modules, str) else ",".join(target_modules)
+
+
+def _check_outputs(out: str, plot: Optional[str], data_path: str) -> None:
+    """--out and --plot can be created, --plot has a writable format, and no two of --out,
+    --plot and --data are the same file (nothing is created)."""
+    from ..fileio import check_output_path
+    from ..plot import check_plot_path
+    files = {"--out": check_output_path(out, "--out")}
+    if plot is not None:
+        try:
+            files["--plot"] = check_plot_path(plot)
+        except EvaError as exc:
+            raise EvaError(re.sub(r"^plot path ", "--plot ", str(exc))) from exc
+    files["--data"] = os.path.abspath(data_path)
+    seen: Dict[str, str] = {}
+    for arg, path in files.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise EvaError(f"{arg} and {seen[real]} are the same file {path!r}; give them different paths")
+        seen[real] = arg
+
+
+def _check_model_folder(path: str) -> None:
+    """``path`` is an existing folder holding config.json and a weights file (what a transformers
+    model folder needs; the tokenizer files are checked when the tokenizer loads)."""
+    needs = "a model folder holds config.json, the weights (model.safetensors) and the tokenizer files"
+    if not os.path.exists(path):
+        raise EvaError(f"--model {path!r}: no such folder; {needs} (eva reads local folders only: save one with "
+                       "save_pretrained(folder), or download it with `hf download REPO --local-dir FOLDER`)")
+    if not os.path.isdir(path):
+        raise EvaError(f"--model {path!r}: is a file, not a folder; give the folder that holds it "
+                       f"({os.path.dirname(os.path.abspath(path))!r}?); {needs}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise EvaError(f"--model {path!r}: has no config.json, so it is not a transformers model folder; {needs}, "
+                       "as written by model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+    weights = _weight_file_names()
+    if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
+        raise EvaError(f"--model {path!r}: has no weights file (none of {', '.join(weights)}); {needs}, "
+                       "as written by model.save_pretrained(folder)")
+
+
+def _weight_file_names() -> List[str]:
+    """The weight file names ``AutoModel.from_pretrained(folder)`` looks for."""
+    try:
+        from transformers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                                        WEIGHTS_NAME)
+        return [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
+    except ImportError:
+        return ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json"]
+
+
+def _read_model_config(path: str):
+    """The model's ``transformers`` config (reads config.json only, no weights)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvaError(f"--model {path!r}: its config.json cannot be read by transformers ({one_line(exc)}); "
+                       "write it again with model.save_pretrained(folder)") from exc
+
+
+def _max_positions(config) -> Optional[Tuple[int, str]]:
+    """(number of positions, its config field) of a model config, or None when it has none."""
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            configs.append(get_text())
+        except (AttributeError, ValueError):
+            pass
+    for cfg in configs:
+        for field in ("max_position_embeddings", "n_positions"):
+            value = getattr(cfg, field, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, field
+    return None
+
+
+def _check_max_length(max_length: int, config, path: str) -> None:
+    """``--max-length`` is at most the model's number of positions."""
+    limit = _max_positions(config)
+    if limit is not None and max_length > limit[0]:
+        raise EvaError(f"--max-length {max_length} is beyond the {limit[0]} positions of --model {path!r} "
+                       f"({limit[1]} in config.json); use --max-length {limit[0]} or less")
+
+
+def _device_support(kind: str) -> Tuple[Optional[bool], Optional[int], str]:
+    """(available?, device count, why not) for a torch device type; None when torch cannot tell."""
+    import torch
+    if kind == "cuda":
+        why = (f"this torch build, {torch.__version__}, has no CUDA support"
+               if torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+               else "no CUDA GPU is visible")
+        available = torch.cuda.is_available()
+        return available, (torch.cuda.device_count() if available else 0), why
+    if kind == "mps":
+        built = torch.backends.mps.is_built()
+        return (torch.backends.mps.is_available(), None,
+                "MPS needs an Apple-silicon Mac" if built else "this torch build has no MPS support")
+    module = getattr(torch, kind, None)
+    probe = getattr(module, "is_available", None)
+    if not callable(probe):
+        return None, None, ""
+    count = getattr(module, "device_count", None)
+    available = bool(probe())
+    return available, (count() if available and callable(count) else None), f"no {kind} device is visible"
+
+
+def _check_device(name: Optional[str]) -> str:
+    """The device to run on: ``name`` checked against this machine, or cuda/cpu by default."""
+    import torch
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name.strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise EvaError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise EvaError(f"--device {name!r}: the meta device holds no data, so nothing can be computed; "
+                       "use --device cpu or cuda")
+    available, count, why = _device_support(device.type)
+    if available is False:
+        raise EvaError(f"--device {name!r}: {device.type} is not available on this machine ({why}); "
+                       "use --device cpu")
+    if device.index is not None and count is not None and device.index >= count:
+        raise EvaError(f"--device {name!r}: this machine has {count} {device.type} device(s) "
+                       f"({device.type}:0 to {device.type}:{count - 1}); pick one of those")
+    return str(device)
+
+
+def _lora_settings(args):
+    """(LoraConfig, engine options, resolved settings), validated as the engine will (this also
+    checks the EVA_BACKEND environment variable)."""
+    from ..config import resolve_settings
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora.config import EvaConfig
+    except ImportError as exc:
+        raise EvaError("this command needs peft: pip install peft") from exc
+    try:
+        config = LoraConfig(r=args.rank, target_modules=args.target_modules, init_lora_weights="eva",
+                            eva_config=EvaConfig(rho=args.rho, tau=args.tau, whiten=args.whiten))
+    except ValueError as exc:  # PEFT's own checks (plain ValueError)
+        raise EvaError(f"invalid LoRA/EVA settings: {one_line(exc)}; fix --rank/--rho/--tau") from exc
+    options = {"centered": not args.uncentered, "max_steps": args.max_steps, "backend": args.backend}
+    return config, options, resolve_settings(config, options)
+
+
+def _layer_kinds(names: List[str], limit: int = 12) -> str:
+    """Distinct layer names without their ``....<index>.`` prefix, e.g. ``attention.self.query``."""
+    kinds: List[str] = []
+    for name in names:
+        kind = re.sub(r"^.*\.\d+\.", "", name)
+        if kind not in kinds:
+            kinds.append(kind)
+    return ", ".join(kinds[:limit]) + (", ..." if len(kinds) > limit else "")
+
+
+def _check_targets(model_config, settings, targets: Union[str, List[str]], path: str) -> None:
+    """--target-modules matches at least one linear layer of the model, found on a weightless
+    copy built from config.json on the meta device (skipped when that copy cannot be built)."""
+    import torch
+    from transformers import AutoModel
+
+    from ..targets import find_targets, in_features_of
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(model_config)
+    except Exception:  # an architecture that cannot be built without weights: the engine checks later
+        return
+    if find_targets(skeleton, settings, False):
+        return
+    linear = [n for n, m in skeleton.named_modules() if in_features_of(m) is not None]
+    raise EvaError(f"--target-modules {_targets_text(targets)!r} matches no linear layer of --model "
+                   f"{path!r}; its linear layers are {_layer_kinds(linear) or 'none'}; give some of those "
+                   "(comma-separated) or all-linear")
+
+
+def check_inputs(args, model_path: str, data_path: str) -> Plan:
+    """The check phase: every input, in the order of ``eva init --help``, before any loading."""
+    _check_outputs(args.out, args.plot, data_path)
+    from ..text_data import read_lines
+    lines = read_lines(data_path, "--data")
+    _check_model_folder(model_path)
+    model_config = _read_model_config(model_path)
+    _check_max_length(args.max_length, model_config, model_path)
+    device = _check_device(args.device)
+    lora_config, options, settings = _lora_settings(args)
+    _check_targets(model_config, settings, args.target_modules, model_path)
+    return Plan(model_path, data_path, lines, device, lora_config, options)

@@ -1,0 +1,82 @@
+"""The work of ``eva init`` / ``eva demo`` (load, compute, print, save, plot) and ``eva inspect``."""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+
+from ..errors import EvaError
+from .arguments import one_line
+from .preflight import Plan, check_inputs
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool):
+    """Show or hide transformers' own progress bars ("Loading weights") inside the block."""
+    from transformers.utils import logging as hf_logging
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+def _load(plan: Plan, dtype: str, quiet: bool):
+    """(tokenizer, model on the device): the first step that reads weights."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+    except (OSError, ValueError) as exc:
+        raise EvaError(f"--model {plan.model_path!r}: its tokenizer cannot be loaded ({one_line(exc)}); the folder "
+                       "needs the tokenizer files written by tokenizer.save_pretrained(folder)") from exc
+    try:
+        with _transformers_progress(not quiet):
+            model = AutoModel.from_pretrained(plan.model_path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        raise EvaError(f"--model {plan.model_path!r}: its weights cannot be loaded ({one_line(exc)}); the folder "
+                       "needs the weights written by model.save_pretrained(folder)") from exc
+    return tokenizer, model.to(plan.device)
+
+
+def _compute(model, loader, plan: Plan, quiet: bool):
+    """Run EVA; returns (state dict, seconds, EVA's own UserWarnings)."""
+    from .. import get_eva_state_dict
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = get_eva_state_dict(model, loader, plan.lora_config, show_progress_bar=not quiet, **plan.options)
+    notes = [w for w in caught if issubclass(w.category, UserWarning) and "eva" in str(w.filename)]
+    return sd, time.perf_counter() - t0, notes
+
+
+def run_command(args, model_path: str, data_path: str) -> int:
+    """``eva init`` / ``eva demo``: check everything, load, compute, print, save (and plot)."""
+    from ..text_data import TextBatches
+    plan = check_inputs(args, model_path, data_path)
+    t_load = time.perf_counter()
+    tokenizer, model = _load(plan, args.dtype, args.quiet)
+    loader = TextBatches(tokenizer, plan.lines, batch_size=args.batch_size, max_length=args.max_length)
+    load_s = time.perf_counter() - t_load
+    sd, elapsed, notes = _compute(model, loader, plan, args.quiet)
+    print(sd.summary())
+    for w in notes:
+        print(f"note: {w.message}")
+    run = sd.metadata["run"]
+    print(f"\nmodel {model_path}\ndata {data_path}: {len(plan.lines)} lines, batch {args.batch_size} x <= "
+          f"{args.max_length} tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} (backend "
+          f"{run['backend']}): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
+          f"{run['forward_seconds']:.2f} s, final solve {run['polish_seconds']:.2f} s")
+    print(f"wrote {sd.save(args.out)}")
+    if args.plot:
+        from ..plot import plot_ranks
+        print(f"wrote {plot_ranks(sd.ranks, args.plot, title=f'EVA ranks (r={args.rank}, rho={args.rho})')}")
+    return 0
+
+
+def inspect_file(path: str) -> int:
+    """``eva inspect``: print the summary of a saved file (nothing on stdout if it cannot be read)."""
+    from ..result import load_eva_state_dict
+    text = load_eva_state_dict(path).summary()
+    print(text)
+    return 0
