@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test nvcc-check bench-cpu clean
+.PHONY: install demo test nvcc-check bench-cpu bench-ops-cpu clean
 
 # torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
 install:
@@ -25,8 +25,13 @@ test: export EVA_REQUIRE_EXT := 1
 test: install nvcc-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
 
+# Benchmarks run as modules from the repository root (see benches/__init__.py).
 bench-cpu: install
-	$(PY) benches/bench_engine_cpu.py
+	$(PY) -m benches.engine.bench_engine_cpu
+
+# Quick CPU run of the cov_update kernels (writes under /tmp/eva-benches, not benches/results).
+bench-ops-cpu: install
+	$(PY) -m benches.ops.bench_cov_update --device cpu --quick
 
 clean:
 	rm -rf build out *.egg-info eva_kernels/*.so

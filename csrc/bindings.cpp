@@ -1,9 +1,10 @@
-// Torch bindings of the C++/CUDA backend: registers
-//   torch.ops.eva_kernels.cov_update_cpp(Tensor(a!) cov, Tensor(b!) colsum, Tensor x,
-//                                        Tensor? mask, Tensor? shift) -> Tensor
-// (CPU kernel always; CUDA kernel when built with EVA_WITH_CUDA) and exposes the Python
-// module eva_kernels._C, whose import performs the registration. The op name differs from the
-// Python custom op eva_kernels::cov_update (ops.py), hence TORCH_LIBRARY_FRAGMENT.
+// Torch bindings of the C++/CUDA backend: adds compiled kernels to the one op
+//   eva_kernels::cov_update(Tensor(a!) cov, Tensor(b!) colsum, Tensor x, Tensor? mask,
+//                           Tensor? shift) -> Tensor
+// whose schema, fake and default (torch) kernel are declared in Python
+// (eva_kernels/ops/cov_update.py). CPU kernel always; CUDA kernel when built with
+// EVA_WITH_CUDA. Importing the Python module eva_kernels._C performs the registration.
+// How to add a kernel: csrc/README.md.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -26,34 +27,34 @@ namespace {
 
 void check_args(const at::Tensor& cov, const at::Tensor& colsum, const at::Tensor& x,
                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& shift) {
-  TORCH_CHECK(x.dim() == 2, "cov_update_cpp: x must be 2-D (n, d), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "cov_update: x must be 2-D (n, d), got ", x.sizes());
   const int64_t n = x.size(0), d = x.size(1);
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16,
-              "cov_update_cpp: x must be float32, float16 or bfloat16, got ", xt);
+              "cov_update: x must be float32, float16 or bfloat16, got ", xt);
   TORCH_CHECK(cov.dim() == 2 && cov.size(0) == d && cov.size(1) == d && cov.scalar_type() == at::kFloat &&
                   cov.is_contiguous(),
-              "cov_update_cpp: cov must be a contiguous float32 (", d, ", ", d, ") tensor, got ",
+              "cov_update: cov must be a contiguous float32 (", d, ", ", d, ") tensor, got ",
               cov.scalar_type(), " ", cov.sizes());
   TORCH_CHECK(colsum.dim() == 1 && colsum.size(0) == d && colsum.scalar_type() == at::kFloat &&
                   colsum.is_contiguous(),
-              "cov_update_cpp: colsum must be a contiguous float32 (", d, ",) tensor, got ",
+              "cov_update: colsum must be a contiguous float32 (", d, ",) tensor, got ",
               colsum.scalar_type(), " ", colsum.sizes());
   TORCH_CHECK(cov.device() == x.device() && colsum.device() == x.device(),
-              "cov_update_cpp: cov, colsum and x must be on one device");
+              "cov_update: cov, colsum and x must be on one device");
   if (mask.has_value()) {
     TORCH_CHECK(mask->dim() == 1 && mask->size(0) == n && mask->scalar_type() == at::kBool &&
                     mask->device() == x.device(),
-                "cov_update_cpp: mask must be a bool (", n, ",) tensor on x's device");
+                "cov_update: mask must be a bool (", n, ",) tensor on x's device");
   }
   if (shift.has_value()) {
     TORCH_CHECK(shift->dim() == 1 && shift->size(0) == d && shift->scalar_type() == at::kFloat &&
                     shift->device() == x.device(),
-                "cov_update_cpp: shift must be a float32 (", d, ",) tensor on x's device");
+                "cov_update: shift must be a float32 (", d, ",) tensor on x's device");
   }
 }
 
-at::Tensor cov_update_cpp_cpu(at::Tensor& cov, at::Tensor& colsum, const at::Tensor& x,
+at::Tensor cov_update_cpu_kernel(at::Tensor& cov, at::Tensor& colsum, const at::Tensor& x,
                               const std::optional<at::Tensor>& mask,
                               const std::optional<at::Tensor>& shift) {
   check_args(cov, colsum, x, mask, shift);
@@ -62,7 +63,7 @@ at::Tensor cov_update_cpp_cpu(at::Tensor& cov, at::Tensor& colsum, const at::Ten
 }
 
 #ifdef EVA_WITH_CUDA
-at::Tensor cov_update_cpp_cuda(at::Tensor& cov, at::Tensor& colsum, const at::Tensor& x,
+at::Tensor cov_update_cuda_kernel(at::Tensor& cov, at::Tensor& colsum, const at::Tensor& x,
                                const std::optional<at::Tensor>& mask,
                                const std::optional<at::Tensor>& shift) {
   check_args(cov, colsum, x, mask, shift);
@@ -85,7 +86,7 @@ at::Tensor cov_update_cpp_cuda(at::Tensor& cov, at::Tensor& colsum, const at::Te
       m.defined() ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr,
       x.data_ptr(), dt, n, d, x.stride(0), x.stride(1), m.defined() ? m.data_ptr<bool>() : nullptr,
       s.defined() ? s.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "cov_update_cpp: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "cov_update: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return count;
 }
 #endif
@@ -93,14 +94,10 @@ at::Tensor cov_update_cpp_cuda(at::Tensor& cov, at::Tensor& colsum, const at::Te
 }  // namespace
 }  // namespace eva_kernels
 
-TORCH_LIBRARY_FRAGMENT(eva_kernels, m) {
-  m.def("cov_update_cpp(Tensor(a!) cov, Tensor(b!) colsum, Tensor x, Tensor? mask, Tensor? shift) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(eva_kernels, CPU, m) { m.impl("cov_update_cpp", &eva_kernels::cov_update_cpp_cpu); }
+TORCH_LIBRARY_IMPL(eva_kernels, CPU, m) { m.impl("cov_update", &eva_kernels::cov_update_cpu_kernel); }
 
 #ifdef EVA_WITH_CUDA
-TORCH_LIBRARY_IMPL(eva_kernels, CUDA, m) { m.impl("cov_update_cpp", &eva_kernels::cov_update_cpp_cuda); }
+TORCH_LIBRARY_IMPL(eva_kernels, CUDA, m) { m.impl("cov_update", &eva_kernels::cov_update_cuda_kernel); }
 #endif
 
 // ---- Python module eva_kernels._C: importing it loads the library and registers the op.
@@ -125,7 +122,7 @@ static PyMethodDef eva_methods[] = {
 
 static struct PyModuleDef eva_module = {PyModuleDef_HEAD_INIT, "_C",
                                         "Compiled C++/CUDA backend of eva_kernels (registers "
-                                        "torch.ops.eva_kernels.cov_update_cpp).",
+                                        "the compiled kernels of torch.ops.eva_kernels.cov_update).",
                                         -1, eva_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&eva_module); }

@@ -7,16 +7,18 @@ vectors of each layer's input activations and redistributes ranks across layers 
 variance. This engine computes them exactly (PCA of every token consumed) from running
 covariances updated by the fused kernels of :mod:`eva_kernels`.
 """
+from eva_kernels import __version__
+
 from .api import get_eva_state_dict, initialize_lora_eva_weights
 from .config import EvaOptions
+from .engine import EvaObserver
 from .errors import EvaError, EvaNotConvergedError
-from .inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
-                     prepare_model_inputs_fn_language_modeling)
+from .peft.inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
+                          prepare_model_inputs_fn_language_modeling)
 from .result import EvaStateDict, load_eva_state_dict
 
 __all__ = [
     "get_eva_state_dict", "initialize_lora_eva_weights", "EvaStateDict", "load_eva_state_dict",
-    "EvaOptions", "EvaError", "EvaNotConvergedError", "forward_fn_dict",
-    "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling",
+    "EvaOptions", "EvaObserver", "EvaError", "EvaNotConvergedError", "forward_fn_dict",
+    "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling", "__version__",
 ]
-__version__ = "0.1.0"

@@ -13,15 +13,24 @@ from typing import Callable, Dict, Iterable, Optional, Union
 import torch
 
 from .config import resolve_settings
-from .engine import run_eva
+from .engine import TOKEN_MASK, EvaObserver, run_eva
+from .engine.finalize import empty_result
 from .errors import EvaError
-from .inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
-                     prepare_model_inputs_fn_language_modeling)
-from .peft_wiring import load_eva_into_peft_model
+from .peft.inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
+                          prepare_model_inputs_fn_language_modeling)
+from .peft.targets import (check_targets_not_meta, find_targets, input_device, no_targets_message,
+                           unsupported_matches)
+from .peft.wiring import load_eva_into_peft_model
 from .result import EvaStateDict
-from .finalize import empty_result
-from .targets import (check_targets_not_meta, find_targets, input_device, no_targets_message,
-                      unsupported_matches)
+
+
+def _masked_layer_defaults() -> tuple:
+    """Layer-input functions meaning "the masked tokens": ours, and PEFT's when installed."""
+    try:
+        from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling as peft_default
+    except ImportError:
+        return (prepare_layer_inputs_fn_language_modeling,)
+    return (prepare_layer_inputs_fn_language_modeling, peft_default)
 
 
 @torch.no_grad()
@@ -35,6 +44,7 @@ def get_eva_state_dict(
     adapter_name: str = "default",
     gather_distributed_inputs: bool = True,
     show_progress_bar: bool = True,
+    observers: Iterable[EvaObserver] = (),
     **options,
 ) -> EvaStateDict:
     """EVA components for every target layer: the exact PCA of the tokens consumed.
@@ -54,6 +64,8 @@ def get_eva_state_dict(
         adapter_name: adapter of a ``PeftModel`` whose config is used.
         gather_distributed_inputs: under ``torch.distributed``, sum statistics over ranks.
         show_progress_bar: tqdm bar with converged layers and tokens/s.
+        observers: :class:`eva.EvaObserver` instances that receive the engine's events
+            (tokens consumed, steps, convergence); not part of PEFT's signature.
         **options: engine options, see :class:`eva.config.EvaOptions` (centered, max_steps,
             on_unconverged, backend, ...).
 
@@ -79,9 +91,12 @@ def get_eva_state_dict(
         return empty_result(settings, unsupported)
     check_targets_not_meta(targets, is_peft_model)
     ctx = model.disable_adapter() if is_peft_model else nullcontext()
+    if prepare_model_inputs_fn is prepare_model_inputs_fn_language_modeling:
+        prepare_model_inputs_fn = TOKEN_MASK  # the same rule, from the resolved settings
     with ctx:
         return run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inputs_fn,
-                       prepare_layer_inputs_fn, device, gather_distributed_inputs, show_progress_bar)
+                       prepare_layer_inputs_fn, device, gather_distributed_inputs, show_progress_bar,
+                       masked_layer_defaults=_masked_layer_defaults(), observers=observers)
 
 
 @torch.no_grad()
@@ -92,9 +107,8 @@ def initialize_lora_eva_weights(
     forward_fn: Optional[Callable] = forward_fn_dict,
     prepare_model_inputs_fn: Optional[Callable] = prepare_model_inputs_fn_language_modeling,
     prepare_layer_inputs_fn: Union[Callable, Dict[str, Callable], None] = prepare_layer_inputs_fn_language_modeling,
-    adapter_name: str = "default",
-    gather_distributed_inputs: bool = True,
-    show_progress_bar: bool = True,
+    adapter_name: str = "default", gather_distributed_inputs: bool = True, show_progress_bar: bool = True,
+    observers: Iterable[EvaObserver] = (),
     **options,
 ):
     """Compute (or take) EVA components and load them into a ``PeftModel``'s LoRA layers.
@@ -123,6 +137,6 @@ def initialize_lora_eva_weights(
             model, dataloader, forward_fn=forward_fn, prepare_model_inputs_fn=prepare_model_inputs_fn,
             prepare_layer_inputs_fn=prepare_layer_inputs_fn, adapter_name=adapter_name,
             gather_distributed_inputs=gather_distributed_inputs, show_progress_bar=show_progress_bar,
-            **options)
+            observers=observers, **options)
     load_eva_into_peft_model(model, eva_state_dict, adapter_name)
     return model

@@ -1,7 +1,13 @@
-"""Engine settings: PEFT's ``LoraConfig``/``EvaConfig`` fields plus the engine's own options.
+"""The one owner of every setting and its default: PEFT's ``LoraConfig``/``EvaConfig`` fields
+and the engine's own options.
 
-``resolve_settings(peft_config, options)`` merges them into one :class:`EvaSettings`.
-Unknown options raise a ``TypeError`` naming them.
+* :data:`EVA_DEFAULTS` — PEFT's ``EvaConfig`` defaults; :data:`DEFAULT_RANK` — the CLI's ``r``.
+* :func:`eva_values` — the EVA settings of a ``LoraConfig`` (its ``eva_config`` or the defaults),
+  validated. Everything that needs one of them (the default input functions, the LoRA wiring)
+  reads it through here, never from the raw config.
+* :func:`resolve_settings` — a ``LoraConfig`` plus ``**options`` -> one :class:`EvaSettings`;
+  unknown options raise a ``TypeError`` naming them.
+* :class:`EvaOptions` — the engine's options and their defaults (the CLI's too).
 """
 from __future__ import annotations
 
@@ -40,7 +46,11 @@ class EvaOptions:
         oversample: extra eigensolver block columns; iters: subspace iterations per batch.
         final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final
             polish solve (warm-started from the streaming estimate); final_max_iters caps it.
-        backend: eva_kernels backend ("auto", "torch", "triton", "cpp"; default EVA_BACKEND).
+        backend: eva_kernels backend ("auto", "torch", "triton", "cpp"; default EVA_BACKEND) of
+            ``cov_update``, and of ``topk_eigh`` when that backend implements it (else ``topk_eigh``
+            takes ``auto``); the result's metadata names the backend that ran each op.
+        orthonormalization: the eigensolver's orthonormalisation ("auto": Householder QR on
+            CPU, CholeskyQR3 on GPUs; or "householder", "cholesky_qr3"), whatever the backend.
         seed: seed of the eigensolver's random test matrices.
     """
 
@@ -54,6 +64,7 @@ class EvaOptions:
     final_tol: float = 1e-4
     final_max_iters: int = 50
     backend: Optional[str] = None
+    orthonormalization: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
@@ -75,6 +86,10 @@ class EvaOptions:
             raise EvaError(f"final_tol must be a number in (0, 1) (relative residual of the final solve, "
                            f"e.g. 1e-4), got {self.final_tol!r}")
         self.backend = check_backend(self.backend)
+        from eva_kernels import ORTHONORMALIZATIONS
+        if self.orthonormalization not in ("auto",) + ORTHONORMALIZATIONS:
+            raise EvaError(f"orthonormalization must be one of {('auto',) + ORTHONORMALIZATIONS}, "
+                           f"got {self.orthonormalization!r}")
 
 
 def _is_real(v) -> bool:
@@ -99,7 +114,7 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
     Returns the normalised name (None stays None: the environment is read at each call).
     Raises :class:`EvaError` naming the source and the valid choices, before any model runs.
     """
-    from eva_kernels._backends import BACKEND_NAMES
+    from eva_kernels import BACKEND_NAMES
     choices = ("auto",) + BACKEND_NAMES
     if backend is None:
         env = os.environ.get("EVA_BACKEND")
@@ -138,8 +153,20 @@ class EvaSettings:
         return out
 
 
-_EVA_DEFAULTS = dict(rho=2.0, tau=0.99, use_label_mask=True, label_mask_value=-100, whiten=False,
-                     adjust_scaling_factors=True)
+#: PEFT's ``EvaConfig`` defaults (peft.tuners.lora.config.EvaConfig).
+EVA_DEFAULTS: Dict[str, Any] = dict(rho=2.0, tau=0.99, use_label_mask=True, label_mask_value=-100, whiten=False,
+                                    adjust_scaling_factors=True)
+#: The LoRA rank of ``eva init`` when ``--rank`` is not given (PEFT's ``LoraConfig.r``).
+DEFAULT_RANK = 8
+
+
+def eva_values(peft_config: Any) -> Dict[str, Any]:
+    """The EVA settings of ``peft_config`` (``eva_config`` fields, else :data:`EVA_DEFAULTS`), validated."""
+    eva_cfg = getattr(peft_config, "eva_config", None)
+    vals = {k: (getattr(eva_cfg, k) if eva_cfg is not None and hasattr(eva_cfg, k) else v)
+            for k, v in EVA_DEFAULTS.items()}
+    _check_eva_values(vals)
+    return vals
 
 
 def resolve_settings(peft_config: Any, options: Dict[str, Any]) -> EvaSettings:
@@ -151,13 +178,10 @@ def resolve_settings(peft_config: Any, options: Dict[str, Any]) -> EvaSettings:
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"get_eva_state_dict got unknown option(s) {unknown}; known: {sorted(known)}")
-    eva_cfg = getattr(peft_config, "eva_config", None)
-    vals = {k: (getattr(eva_cfg, k) if eva_cfg is not None and hasattr(eva_cfg, k) else v)
-            for k, v in _EVA_DEFAULTS.items()}
     r = getattr(peft_config, "r", None)
     if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1:
         raise EvaError(f"peft_config.r must be a positive int, got {r!r}")
-    _check_eva_values(vals)
+    vals = eva_values(peft_config)
     rank_pattern = dict(getattr(peft_config, "rank_pattern", None) or {})
     for key, rank in rank_pattern.items():
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:

@@ -15,17 +15,25 @@ from torch import Tensor
 
 
 def active(gather_distributed_inputs: bool) -> bool:
+    """True when the run sums statistics over the ranks of an initialised process group."""
     return bool(gather_distributed_inputs) and dist.is_available() and dist.is_initialized()
 
 
-def global_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+def masked_sum_and_count(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(sum of the kept rows (d,) fp32, kept-row count 0-d fp32)`` of ``x`` (n, d); no host sync.
+
+    Dropped rows are removed with a select, so NaN/Inf in them cannot leak into the sum.
+    """
     xf = x.to(torch.float32)
-    if mask is not None:
-        xf = torch.where(mask.unsqueeze(1), xf, xf.new_zeros(()))
-        n = mask.sum().to(torch.float32)
-    else:
-        n = torch.tensor(float(x.shape[0]), device=x.device)
-    s = torch.cat([xf.sum(0), n.reshape(1)])
+    if mask is None:
+        return xf.sum(0), torch.tensor(float(x.shape[0]), device=x.device)
+    return torch.where(mask.unsqueeze(1), xf, xf.new_zeros(())).sum(0), mask.sum().to(torch.float32)
+
+
+def global_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Mean of the kept rows over every rank (two values all-reduced: the sum and the count)."""
+    total, n = masked_sum_and_count(x, mask)
+    s = torch.cat([total, n.reshape(1)])
     dist.all_reduce(s)
     return s[:-1] / s[-1].clamp_min(1)
 
@@ -40,7 +48,15 @@ def reduced_stats(cov: Tensor, colsum: Tensor, count: Tensor) -> Tuple[Tensor, T
     return g_cov, g_vec[:-1].to(torch.float32).contiguous(), g_vec[-1].round().to(torch.int64)
 
 
+def collective_device() -> torch.device:
+    """Where small collectives' tensors live: the current CUDA device under NCCL, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all-reduce)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

@@ -1,20 +1,29 @@
-"""eva_kernels: compute layer of EVA, model-agnostic ops on plain tensors.
+"""eva_kernels: the compute layer of EVA, model-agnostic ops on plain tensors.
 
-* :func:`cov_update` — fused masked, shifted activation-covariance update (fp32 accumulation).
+* :func:`cov_update` — fused masked, shifted activation-covariance update (fp32 accumulation);
+  also the dispatcher op ``torch.ops.eva_kernels.cov_update``.
 * :func:`topk_eigh` — randomized, warm-startable top-k eigensolver for PSD matrices.
-* :func:`available_backends` — which of ``torch`` / ``triton`` / ``cpp`` can run here.
+* :func:`available_backends`, :func:`resolve_backend` — which of ``torch`` / ``triton`` /
+  ``cpp`` can run an op here, and which one a call will use (:class:`Backend`).
+* :mod:`eva_kernels.linalg` — orthonormalisation and dense helpers shared by every backend.
+* :mod:`eva_kernels.testing` — the float64 specifications.
 
-Backends are chosen per call (``backend=``), by the ``EVA_BACKEND`` environment variable,
-or automatically (fastest available for the tensor's device).
+Backends are chosen per call (``backend=``), by the ``EVA_BACKEND`` environment variable, or by
+``auto`` (highest priority available for the tensor's device); a named backend that cannot
+run raises :class:`BackendUnavailableError` with the fix.
 """
-from ._backends import BackendUnavailableError
-from .eigensolver import EighBasis, EighResult, topk_eigh
-from .ops import available_backends, cov_update, symmetrize_
+from ._version import __version__
+from ._registry import (BACKEND_NAMES, Backend, BackendUnavailableError, EigenProducts,
+                        available_backends, get_backend, register_backend, resolve as resolve_backend)
+from .ops.cov_update import cov_update, symmetrize_
+from .ops.topk_eigh import EighBasis, EighResult, topk_eigh
+from .linalg import ORTHONORMALIZATIONS, orthonormalization_for, orthonormalize
 from .subspace import component_cosines, fix_signs, subspace_overlap
-from . import _optional_backends  # noqa: F401  (registers triton / cpp when importable)
+from . import backends  # noqa: F401  (registers torch, and triton / cpp when importable)
 
 __all__ = [
-    "cov_update", "topk_eigh", "available_backends", "symmetrize_", "component_cosines",
-    "subspace_overlap", "fix_signs", "EighResult", "EighBasis", "BackendUnavailableError",
+    "cov_update", "topk_eigh", "available_backends", "resolve_backend", "get_backend", "register_backend", "Backend",
+    "EigenProducts", "BackendUnavailableError", "BACKEND_NAMES", "symmetrize_", "component_cosines",
+    "subspace_overlap", "fix_signs", "orthonormalize", "orthonormalization_for", "ORTHONORMALIZATIONS",
+    "EighResult", "EighBasis", "__version__",
 ]
-__version__ = "0.1.0"

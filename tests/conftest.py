@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled MiniLM, small random-weight GPT-2 / Llama models, batches,
-and a spy that records exactly the tokens each running statistic consumed."""
+and ``token_spy``, an observer recording exactly the tokens each running statistic consumed
+(pass it as ``observers=[token_spy]``). Plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from eva.statistics import RunningStats
-from eva.text_data import TextBatches, bundled_calibration_path, bundled_model_path, read_lines
+from eva.cli.text_data import TextBatches, bundled_calibration_path, bundled_model_path, read_lines
+from eva.testing import TokenRecorder
+from helpers import tiny_llama_model
 
 
 @pytest.fixture(autouse=True)
@@ -48,20 +50,6 @@ def minilm_loader(minilm, calibration_lines):
     return make
 
 
-def random_token_batches(vocab: int, n_batches: int, batch: int = 3, seq: int = 17, seed: int = 0,
-                         pad_last: int = 4):
-    """Batches of random ids with right padding in the last sequence of each batch."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        if pad_last:
-            mask[-1, -pad_last:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2Model
@@ -72,51 +60,16 @@ def tiny_gpt2():
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaModel
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
-    return LlamaModel(cfg).eval()
+    return tiny_llama_model()
 
 
 @pytest.fixture
-def token_spy(monkeypatch):
+def token_spy():
     """Records, per group leader name, the float64 rows it accumulated (after masking)."""
-    seen = {}
-    original = RunningStats.update
-
-    def spy(self, x, mask):
-        rows = x.detach().to(torch.float64)
-        if mask is not None:
-            rows = rows[mask]
-        seen.setdefault(self.name, []).append(rows.cpu())
-        return original(self, x, mask)
-
-    monkeypatch.setattr(RunningStats, "update", spy)
-    return seen
+    return TokenRecorder()
 
 
-def starve_layer_at_first(monkeypatch, victim: str, allocations: int = 2) -> None:
-    """Make the engine's first ``allocations`` rank allocations give ``victim`` rank 0.
-
-    With rank 0 the victim's group counts as converged and its hook is detached; afterwards the
-    real allocation gives it ranks again, so the group is reopened (re-hooked).
-    """
-    import eva.engine as engine_module
-    real = engine_module.redistribute_ranks
-    calls = {"n": 0}
-
-    def allocation(layers, max_components, ratios, budget):
-        calls["n"] += 1
-        ranks = real(layers, max_components, ratios, budget)
-        if calls["n"] <= allocations:
-            ranks[victim] = 0
-        return ranks
-
-    monkeypatch.setattr(engine_module, "redistribute_ranks", allocation)
-
-
-# --- hypothesis profiles (property-based tests: tests/test_fuzz_kernels.py) -------------------
+# --- hypothesis profiles (property-based tests: tests/ops/test_fuzz_ops.py) -------------------
 # "ci" (default): bounded and derandomized so `make test` is fast and reproducible; each test
 # runs a fraction of max_examples (triton ones the smallest). "long": `pytest
 # --hypothesis-profile=long` for deeper, randomized runs (failures are saved in .hypothesis/).

@@ -311,7 +311,7 @@ int64_t cov_update_cpu(at::Tensor& cov, at::Tensor& colsum, const at::Tensor& x,
       run<c10::BFloat16>(cp, sp, x.data_ptr<c10::BFloat16>(), sr, sc, d, kp, count, shp);
       break;
     default:
-      TORCH_CHECK(false, "cov_update_cpp: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+      TORCH_CHECK(false, "cov_update: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   }
   return count;
 }

@@ -1,4 +1,4 @@
-// C++ CPU implementation of eva_kernels::cov_update (see eva_kernels/reference.py for the math).
+// C++ CPU implementation of eva_kernels::cov_update (the math: eva_kernels/ops/cov_update.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

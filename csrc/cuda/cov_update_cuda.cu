@@ -72,6 +72,12 @@ __device__ __forceinline__ void load_valid(const Args& a, long long r0, long lon
   }
 }
 
+// load_valid for the k-step at r0, then a barrier: every thread sees the step's flags.
+__device__ __forceinline__ void stage_rows(const Args& a, long long r0, long long r_end, int* s_valid) {
+  load_valid(a, r0, r_end, s_valid);
+  __syncthreads();
+}
+
 __device__ __forceinline__ void count_rows(const Args& a, long long r_begin, long long r_end) {
   __shared__ unsigned int s_cnt;
   if (threadIdx.x == 0) s_cnt = 0;
@@ -90,22 +96,61 @@ __device__ __forceinline__ void add_to_cov(const Args& a, long long gi, long lon
   }
 }
 
+// What one block works on: the cov tile (bi, bj) decoded from blockIdx.x (i0, j0: its first
+// row and column) and the rows [r_begin, r_end) of x of its n-split (blockIdx.y).
+// Returns whether the tile is on the diagonal (bi == bj).
+__device__ __forceinline__ bool block_work(const Args& a, int& bi, int& bj, long long& i0, long long& j0,
+                                           long long& r_begin, long long& r_end) {
+  decode_pair(static_cast<long long>(blockIdx.x), bi, bj);
+  i0 = static_cast<long long>(bi) * BT;
+  j0 = static_cast<long long>(bj) * BT;
+  r_begin = static_cast<long long>(blockIdx.y) * a.rows_per_split;
+  r_end = min(a.n, r_begin + a.rows_per_split);
+  return bi == bj;
+}
+
+// Element e of one k-step's BK x BT panel: its row kk in the step (row r = r0 + kk of x), its
+// column cc in the tile (column ci = i0 + cc of x for sA, cj = j0 + cc for sB), and whether
+// that row is kept (s_valid, filled by stage_rows).
+struct PanelElem {
+  int kk, cc;
+  bool kept;
+  long long r, ci, cj;
+};
+
+__device__ __forceinline__ PanelElem panel_elem(int e, long long r0, long long i0, long long j0,
+                                                const int* s_valid) {
+  PanelElem pe;
+  pe.kk = e / BT;
+  pe.cc = e % BT;
+  pe.kept = s_valid[pe.kk] != 0;
+  pe.r = r0 + pe.kk;
+  pe.ci = i0 + pe.cc;
+  pe.cj = j0 + pe.cc;
+  return pe;
+}
+
+// Epilogue shared by both paths: diagonal blocks add their column sums (thread tid holds column
+// j0 + tid), and the blocks of tile (0, 0) count the kept rows of their n-split.
+__device__ __forceinline__ void finish_block(const Args& a, int bi, int bj, long long j0, long long r_begin,
+                                             long long r_end, int tid, float csum) {
+  if (bi == bj && tid < BT && j0 + tid < a.d && r_begin < r_end) atomicAdd(a.colsum + j0 + tid, csum);
+  if (bi == 0 && bj == 0 && a.mask != nullptr) count_rows(a, r_begin, r_end);
+}
+
 // ---------------------------------------------------------------- tensor-core path (16-bit)
 template <typename T>
 __global__ void __launch_bounds__(NTHREADS) cov_tc_kernel(Args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
+  __shared__ int s_valid[BK];
   __shared__ __align__(32) T sA[BK * LDS16];
   __shared__ __align__(32) T sB[BK * LDS16];
   __shared__ __align__(32) float sC[BT * LDC];
-  __shared__ int s_valid[BK];
 
   int bi, bj;
-  decode_pair(static_cast<long long>(blockIdx.x), bi, bj);
-  const bool diag = (bi == bj);
-  const long long i0 = static_cast<long long>(bi) * BT, j0 = static_cast<long long>(bj) * BT;
-  const long long r_begin = static_cast<long long>(blockIdx.y) * a.rows_per_split;
-  const long long r_end = min(a.n, r_begin + a.rows_per_split);
+  long long i0, j0, r_begin, r_end;
+  const bool diag = block_work(a, bi, bj, i0, j0, r_begin, r_end);
   const T* x = static_cast<const T*>(a.x);
   const int tid = threadIdx.x, warp = tid / 32;
   const int wr = warp / 2, wc = warp % 2;  // warp strip: rows 16 wr, cols 32 wc .. + 32
@@ -117,18 +162,11 @@ __global__ void __launch_bounds__(NTHREADS) cov_tc_kernel(Args a) {
   const T* sBp = diag ? sA : sB;
 
   for (long long r0 = r_begin; r0 < r_end; r0 += BK) {
-    load_valid(a, r0, r_end, s_valid);
-    __syncthreads();
+    stage_rows(a, r0, r_end, s_valid);
     for (int e = tid; e < BK * BT; e += NTHREADS) {
-      const int kk = e / BT, cc = e % BT;
-      const bool v = s_valid[kk] != 0;
-      const long long r = r0 + kk;
-      const long long ci = i0 + cc;
-      sA[kk * LDS16 + cc] = (v && ci < a.d) ? x[r * a.sr + ci * a.sc] : zero16<T>();
-      if (!diag) {
-        const long long cj = j0 + cc;
-        sB[kk * LDS16 + cc] = (v && cj < a.d) ? x[r * a.sr + cj * a.sc] : zero16<T>();
-      }
+      const PanelElem pe = panel_elem(e, r0, i0, j0, s_valid);
+      sA[pe.kk * LDS16 + pe.cc] = (pe.kept && pe.ci < a.d) ? x[pe.r * a.sr + pe.ci * a.sc] : zero16<T>();
+      if (!diag) sB[pe.kk * LDS16 + pe.cc] = (pe.kept && pe.cj < a.d) ? x[pe.r * a.sr + pe.cj * a.sc] : zero16<T>();
     }
     __syncthreads();
     if (diag && tid < BT) {
@@ -156,54 +194,45 @@ __global__ void __launch_bounds__(NTHREADS) cov_tc_kernel(Args a) {
     const int rr = e / BT, cc = e % BT;
     add_to_cov(a, i0 + rr, j0 + cc, sC[rr * LDC + cc]);
   }
-  if (diag && tid < BT && j0 + tid < a.d && r_begin < r_end) atomicAdd(a.colsum + j0 + tid, csum);
-  if (bi == 0 && bj == 0 && a.mask != nullptr) count_rows(a, r_begin, r_end);
+  finish_block(a, bi, bj, j0, r_begin, r_end, tid, csum);
 #else
   __trap();  // tensor-core path needs sm_80+ (the launcher is only built for sm_80 / sm_90a)
 #endif
 }
 
 // ---------------------------------------------------------------- exact fp32 FMA path
+// float32(x[r, c]) - shift[c] for a kept row and an in-range column, else 0 (never read).
+template <typename T>
+__device__ __forceinline__ float shifted_or_zero(const Args& a, const T* x, bool kept, long long r, long long c) {
+  return (kept && c < a.d) ? to_float(x[r * a.sr + c * a.sc]) - (a.shift ? a.shift[c] : 0.f) : 0.f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(NTHREADS) cov_fma_kernel(Args a) {
   __shared__ __align__(16) float sA[BK * BT];
   __shared__ __align__(16) float sB[BK * BT];
   __shared__ int s_valid[BK];
 
-  int bi, bj;
-  decode_pair(static_cast<long long>(blockIdx.x), bi, bj);
-  const bool diag = (bi == bj);
-  const long long i0 = static_cast<long long>(bi) * BT, j0 = static_cast<long long>(bj) * BT;
-  const long long r_begin = static_cast<long long>(blockIdx.y) * a.rows_per_split;
-  const long long r_end = min(a.n, r_begin + a.rows_per_split);
   const T* x = static_cast<const T*>(a.x);
+  int bi, bj;
+  long long i0, j0, r_begin, r_end;
+  const bool diag = block_work(a, bi, bj, i0, j0, r_begin, r_end);
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
 
+  float csum = 0.f;  // column sum of column j0 + tid (diag blocks, tid < BT)
   float acc[4][4];
 #pragma unroll
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[p][q] = 0.f;
-  float csum = 0.f;
   const float* sBp = diag ? sA : sB;
 
   for (long long r0 = r_begin; r0 < r_end; r0 += BK) {
-    load_valid(a, r0, r_end, s_valid);
-    __syncthreads();
+    stage_rows(a, r0, r_end, s_valid);
     for (int e = tid; e < BK * BT; e += NTHREADS) {
-      const int kk = e / BT, cc = e % BT;
-      const bool v = s_valid[kk] != 0;
-      const long long r = r0 + kk;
-      const long long ci = i0 + cc;
-      float va = 0.f;
-      if (v && ci < a.d) va = to_float(x[r * a.sr + ci * a.sc]) - (a.shift ? a.shift[ci] : 0.f);
-      sA[kk * BT + cc] = va;
-      if (!diag) {
-        const long long cj = j0 + cc;
-        float vb = 0.f;
-        if (v && cj < a.d) vb = to_float(x[r * a.sr + cj * a.sc]) - (a.shift ? a.shift[cj] : 0.f);
-        sB[kk * BT + cc] = vb;
-      }
+      const PanelElem pe = panel_elem(e, r0, i0, j0, s_valid);
+      sA[pe.kk * BT + pe.cc] = shifted_or_zero(a, x, pe.kept, pe.r, pe.ci);
+      if (!diag) sB[pe.kk * BT + pe.cc] = shifted_or_zero(a, x, pe.kept, pe.r, pe.cj);
     }
     __syncthreads();
     if (diag && tid < BT) {
@@ -227,8 +256,7 @@ __global__ void __launch_bounds__(NTHREADS) cov_fma_kernel(Args a) {
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int q = 0; q < 4; ++q) add_to_cov(a, i0 + ty * 4 + p, j0 + tx * 4 + q, acc[p][q]);
-  if (diag && tid < BT && j0 + tid < a.d && r_begin < r_end) atomicAdd(a.colsum + j0 + tid, csum);
-  if (bi == 0 && bj == 0 && a.mask != nullptr) count_rows(a, r_begin, r_end);
+  finish_block(a, bi, bj, j0, r_begin, r_end, tid, csum);
 }
 
 }  // namespace

@@ -28,7 +28,7 @@ def _dispatch(args) -> int:
     if args.cmd == "inspect":
         return inspect_file(args.file)
     if args.cmd == "demo":
-        from ..text_data import bundled_calibration_path, bundled_model_path
+        from .text_data import bundled_calibration_path, bundled_model_path
         return run_command(args, args.model or bundled_model_path(), args.data or bundled_calibration_path())
     return run_command(args, args.model, args.data)
 

@@ -9,6 +9,7 @@ import argparse
 import math
 from typing import Any, List, Union
 
+from ..config import DEFAULT_RANK, EVA_DEFAULTS, EvaOptions
 from ..errors import EvaError
 
 #: Default ``--target-modules`` of ``eva demo``: every linear layer of MiniLM's encoder (query,
@@ -79,7 +80,7 @@ def _finite_float(text: str, rule: str) -> float:
 
 def _rho(text: str) -> float:
     """argparse ``type=`` of ``--rho``: PEFT's rule ``rho >= 1.0``, and finite."""
-    rule = "`rho` must be >= 1.0 and finite (the maximum rank of a layer is r * rho; default 2)"
+    rule = f"`rho` must be >= 1.0 and finite (the maximum rank of a layer is r * rho; default {EVA_DEFAULTS['rho']:g})"
     value = _finite_float(text, rule)
     if value < 1.0:
         raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
@@ -88,7 +89,7 @@ def _rho(text: str) -> float:
 
 def _tau(text: str) -> float:
     """argparse ``type=`` of ``--tau``: PEFT's rule ``0.0 <= tau <= 1.0``, and finite."""
-    rule = "`tau` must be between 0.0 and 1.0 (the cosine threshold for convergence; default 0.99)"
+    rule = f"`tau` must be between 0.0 and 1.0 (the cosine threshold for convergence; default {EVA_DEFAULTS['tau']:g})"
     value = _finite_float(text, rule)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
@@ -101,7 +102,7 @@ def _backend_name(text: str) -> str:
     try:
         return check_backend(text)
     except EvaError:
-        from eva_kernels._backends import BACKEND_NAMES
+        from eva_kernels import BACKEND_NAMES
         raise argparse.ArgumentTypeError(f"{text!r} is not a backend; choose one of "
                                          f"{', '.join(('auto',) + tuple(BACKEND_NAMES))}") from None
 
@@ -125,17 +126,17 @@ def _add_run_options(sp: argparse.ArgumentParser, model_required: bool, targets:
                  ("" if model_required else " (default: the bundled calibration text)"))
     sp.add_argument("--model", required=model_required, metavar="FOLDER", help=model_help)
     sp.add_argument("--data", required=model_required, metavar="TEXTFILE", help=data_help)
-    sp.add_argument("--rank", type=_int_at_least(1, "the LoRA rank r"), default=8,
+    sp.add_argument("--rank", type=_int_at_least(1, "the LoRA rank r"), default=DEFAULT_RANK,
                     help="LoRA rank r; the rank budget is r x number of layers (default: %(default)s)")
-    sp.add_argument("--rho", type=_rho, default=2.0,
+    sp.add_argument("--rho", type=_rho, default=EVA_DEFAULTS["rho"],
                     help="max rank per layer = r * rho, finite >= 1 (default: %(default)s)")
-    sp.add_argument("--tau", type=_tau, default=0.99,
+    sp.add_argument("--tau", type=_tau, default=EVA_DEFAULTS["tau"],
                     help="cosine threshold for convergence, in [0, 1] (default: %(default)s)")
     sp.add_argument("--batch-size", type=_int_at_least(1, "lines per batch"), default=8,
                     help="lines per batch (default: %(default)s)")
     sp.add_argument("--max-length", type=_int_at_least(2, "tokens per line"), default=128,
                     help="tokens per line, at most the model's positions (default: %(default)s)")
-    sp.add_argument("--max-steps", type=_int_at_least(1, "batches"), default=None,
+    sp.add_argument("--max-steps", type=_int_at_least(1, "batches"), default=EvaOptions.max_steps,
                     help="stop after this many batches (default: until the data is used up)")
     sp.add_argument("--target-modules", type=_target_modules, default=targets, metavar="NAMES",
                     help="comma-separated module names (a name matches itself or a dotted suffix of a "
@@ -144,7 +145,7 @@ def _add_run_options(sp: argparse.ArgumentParser, model_required: bool, targets:
     sp.add_argument("--whiten", action="store_true", help="whiten the components (default: off)")
     sp.add_argument("--uncentered", action="store_true",
                     help="uncentred second moment instead of PCA (default: centred)")
-    sp.add_argument("--backend", type=_backend_name, default=None,
+    sp.add_argument("--backend", type=_backend_name, default=EvaOptions.backend,
                     help="eva_kernels backend: auto, torch, triton, cpp (default: $EVA_BACKEND, else auto)")
     sp.add_argument("--device", default=None,
                     help="cpu, cuda, cuda:N, mps, ... (default: cuda if available, else cpu)")

@@ -35,7 +35,7 @@ def _check_outputs(out: str, plot: Optional[str], data_path: str) -> None:
     """--out and --plot can be created, --plot has a writable format, and no two of --out,
     --plot and --data are the same file (nothing is created)."""
     from ..fileio import check_output_path
-    from ..plot import check_plot_path
+    from .plot import check_plot_path
     files = {"--out": check_output_path(out, "--out")}
     if plot is not None:
         try:
@@ -194,7 +194,7 @@ def _check_targets(model_config, settings, targets: Union[str, List[str]], path:
     import torch
     from transformers import AutoModel
 
-    from ..targets import find_targets, in_features_of
+    from ..peft.targets import find_targets, in_features_of
     try:
         with torch.device("meta"):
             skeleton = AutoModel.from_config(model_config)
@@ -211,7 +211,7 @@ def _check_targets(model_config, settings, targets: Union[str, List[str]], path:
 def check_inputs(args, model_path: str, data_path: str) -> Plan:
     """The check phase: every input, in the order of ``eva init --help``, before any loading."""
     _check_outputs(args.out, args.plot, data_path)
-    from ..text_data import read_lines
+    from .text_data import read_lines
     lines = read_lines(data_path, "--data")
     _check_model_folder(model_path)
     model_config = _read_model_config(model_path)

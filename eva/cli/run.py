@@ -52,7 +52,7 @@ def _compute(model, loader, plan: Plan, quiet: bool):
 
 def run_command(args, model_path: str, data_path: str) -> int:
     """``eva init`` / ``eva demo``: check everything, load, compute, print, save (and plot)."""
-    from ..text_data import TextBatches
+    from .text_data import TextBatches
     plan = check_inputs(args, model_path, data_path)
     t_load = time.perf_counter()
     tokenizer, model = _load(plan, args.dtype, args.quiet)
@@ -64,12 +64,13 @@ def run_command(args, model_path: str, data_path: str) -> int:
         print(f"note: {w.message}")
     run = sd.metadata["run"]
     print(f"\nmodel {model_path}\ndata {data_path}: {len(plan.lines)} lines, batch {args.batch_size} x <= "
-          f"{args.max_length} tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} (backend "
-          f"{run['backend']}): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
+          f"{args.max_length} tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} ("
+          f"{', '.join(f'{op} {name}' for op, name in run['backends'].items())}, {run['orthonormalization']} "
+          f"QR): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
           f"{run['forward_seconds']:.2f} s, final solve {run['polish_seconds']:.2f} s")
     print(f"wrote {sd.save(args.out)}")
     if args.plot:
-        from ..plot import plot_ranks
+        from .plot import plot_ranks
         print(f"wrote {plot_ranks(sd.ranks, args.plot, title=f'EVA ranks (r={args.rank}, rho={args.rho})')}")
     return 0
 

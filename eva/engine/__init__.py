@@ -1,0 +1,20 @@
+"""The EVA engine: one run from batches to an :class:`eva.EvaStateDict`.
+
+Rooms, one job each:
+
+* :mod:`.state` — :class:`RunState` / :class:`GroupState`: everything a run decided, as data.
+* :mod:`.loop` — :class:`Engine` and :func:`run_eva`: the batch loop and convergence decisions.
+* :mod:`.capture` — hooks, per-layer token rules, shared-input group discovery.
+* :mod:`.tokens` — batches and layer inputs -> token rows and masks.
+* :mod:`.statistics` — :class:`RunningStats`, the per-group covariance (``eva_kernels.cov_update``).
+* :mod:`.solve` — :class:`Solver`: warm-started ``eva_kernels.topk_eigh`` per group, one sync a step.
+* :mod:`.variance_floor` — zero-variance groups and explained variance ratios.
+* :mod:`.allocation` — rank redistribution and the tokens-per-rank rule.
+* :mod:`.finalize` — polish, final allocation, whitening, the result and its metadata.
+* :mod:`.observer` — :class:`EvaObserver` events (progress bar, benches, tests).
+"""
+from .loop import TOKEN_MASK, Engine, run_eva
+from .observer import EvaObserver
+from .state import GroupState, RunState
+
+__all__ = ["run_eva", "Engine", "EvaObserver", "RunState", "GroupState", "TOKEN_MASK"]

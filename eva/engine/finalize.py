@@ -1,0 +1,154 @@
+"""End of a run: warn or raise for unconverged layers, polish the estimates, allocate the final
+ranks, whiten, and assemble the :class:`EvaStateDict` with its metadata.
+
+Works on the run's :class:`eva.engine.state.RunState` (and the settings), never on the engine."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import torch
+
+import eva_kernels
+
+from ..config import EvaSettings
+from ..errors import EvaError, EvaNotConvergedError
+from ..result import FORMAT, EvaStateDict
+from . import allocation
+from .observer import EvaObserver
+from .state import RunState
+from .variance_floor import apply_variance_floor
+
+
+def _check_zero_variance(flagged, n_groups: int) -> None:
+    """One warning naming the zero-variance layers; an error when every group is one."""
+    if not flagged:
+        return
+    names = [m for g in flagged for m in g.members]
+    shown = f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+    if len(flagged) == n_groups:
+        raise EvaError(f"every target layer saw inputs with (near-)zero variance (constant up to rounding noise), "
+                       f"so there is nothing to initialise from: {shown}; are all tokens of the calibration data "
+                       "the same (one repeated token or sentence)? Calibrate on varied data")
+    warnings.warn(f"EVA: {len(names)} layer(s) saw inputs with (near-)zero variance (constant up to rounding "
+                  f"noise) and get rank 0: {shown}; their share of the rank budget went to the other layers. "
+                  "Calibrate on more varied data, or leave them out of target_modules")
+
+
+def _check_converged(state: RunState, settings: EvaSettings) -> None:
+    """Warn (or raise, with ``on_unconverged="error"``) naming the layers that did not converge."""
+    unconverged = [g for g in state.groups if not g.converged and not g.estimate.zero_variance]
+    if not unconverged:
+        return
+    names = [m for g in unconverged for m in g.members]
+    msg = (f"EVA stopped ({state.stop_reason} after {state.step} batches) before {len(names)} layer(s) converged "
+           f"(tau={settings.tau}): {names[:6]}{' ...' if len(names) > 6 else ''}. Their components are "
+           "the exact PCA of every token consumed; more data (or a lower tau) would let them converge.")
+    if settings.options.on_unconverged == "error":
+        raise EvaNotConvergedError(msg)
+    warnings.warn(msg)
+
+
+def _polish(state: RunState, solver) -> None:
+    """Final solve of every group to the residual tolerance, the variance floor, the final allocation."""
+    t_polish = time.perf_counter()
+    if not state.groups:  # every batch was skipped (skip_empty_batches=True): nothing was captured
+        raise EvaError(f"every batch was skipped ({state.step} batch(es)): no token left after the padding/label "
+                       "mask; check the attention masks and labels, or set use_label_mask=False")
+    solved = [g for g in state.groups if g.stats is not None]
+    for g in solved:
+        solver.solve(g, state.step, final=True)
+    solver.sync(solved, state.step)
+    _check_zero_variance(apply_variance_floor(solved), len(solved))
+    allocation.reallocate(state)
+    state.polish_seconds = time.perf_counter() - t_polish
+
+
+def _layer_components(state: RunState, settings: EvaSettings, name: str):
+    """(rank, in_features) fp32 components of layer ``name``, whitened when asked."""
+    g = state.group_of[name]
+    rank = state.ranks[name]
+    needed = allocation.tokens_needed(rank, settings.options.centered)
+    if rank > 0 and g.estimate.tokens < needed:
+        raise EvaError(f"layer {name} was assigned rank {rank} but saw only {g.estimate.tokens} token(s): at least "
+                       f"{needed} are needed; pass more data or lower r")
+    u = g.estimate.components[:rank].to(torch.float32).clone()
+    if settings.whiten and rank > 0:
+        # PEFT's convention: divide by the square root of the singular values
+        # sigma_i = sqrt(lambda_i) of the (centred) token matrix, once per layer.
+        sigma = g.estimate.eigenvalues[:rank].to(torch.float32).clamp_min(1e-30).sqrt()
+        u = u / sigma.sqrt().unsqueeze(1)
+    return u
+
+
+def _layer_info(state: RunState, name: str) -> dict:
+    g, est, target, rank = state.group_of[name], state.group_of[name].estimate, state.targets[name], state.ranks[name]
+    min_cos = min(est.cosines[:rank]) if est.cosines and rank else None
+    return {
+        "rank": rank,
+        "configured_rank": target.rank,
+        "max_components": target.max_components,
+        "in_features": g.d,
+        "group": g.leader,
+        "explained_variance_ratio": [float(v) for v in est.ratios[: target.max_components]],
+        "tokens": est.tokens,
+        "steps": est.steps,
+        "converged": bool(g.converged),  # the engine's decision for the layer's group
+        "zero_variance": bool(est.zero_variance),  # offered no component (see eva.engine.variance_floor)
+        "min_cosine": None if min_cos is None or math.isnan(min_cos) else min_cos,
+    }
+
+
+def _run_info(state: RunState) -> dict:
+    """The ``run`` section of the metadata (one place, shared with :func:`empty_result`)."""
+    return {
+        "steps": state.step,
+        "stop_reason": state.stop_reason,
+        "rank_budget": state.budget,
+        "seconds": (time.perf_counter() - state.started) if state.started else 0.0,
+        "forward_seconds": state.forward_seconds,
+        "polish_seconds": state.polish_seconds,
+        "backend": state.backends.get("cov_update", ""),
+        "backends": dict(state.backends),
+        "orthonormalization": state.orthonormalization,
+        "distributed": state.distributed,
+        "eva_kernels_version": eva_kernels.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _metadata(state: RunState, settings: EvaSettings, layers: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "order": list(state.order),
+        "settings": settings.metadata(),
+        "layers": layers,
+        "groups": [g.members for g in state.groups],
+        "run": _run_info(state),
+    }
+
+
+def build_result(state: RunState, settings: EvaSettings, solver, device, observer: EvaObserver) -> EvaStateDict:
+    """Polish every group's estimate, allocate the final ranks, whiten, and assemble the result.
+
+    ``solver``: the run's :class:`eva.engine.solve.Solver`; ``device``: where the components go
+    (None: where they were computed).
+    """
+    _check_converged(state, settings)
+    _polish(state, solver)
+    observer.on_finish(state)
+    tensors = {}
+    for name in state.order:
+        u = _layer_components(state, settings, name)
+        tensors[name] = u.to(device) if device is not None else u
+    layers = {name: _layer_info(state, name) for name in state.order}
+    return EvaStateDict(tensors, metadata=_metadata(state, settings, layers))
+
+
+def empty_result(settings: EvaSettings, unsupported) -> EvaStateDict:
+    """The result when no targeted layer is one EVA initialises (PEFT returns ``{}`` too)."""
+    state = RunState(order=[], targets={}, budget=0, ranks={}, stop_reason="no_eva_targets")
+    meta = _metadata(state, settings, {})
+    meta["run"]["unsupported_layers"] = list(unsupported)
+    return EvaStateDict({}, metadata=meta)

@@ -1,0 +1,255 @@
+"""The EVA streaming loop: batches in, converged estimates out.
+
+One run (:func:`run_eva`):
+
+1. First batch: every target layer is hooked (:mod:`.capture`); shared-input groups form on
+   the fly; layers never called raise. Afterwards only group leaders stay hooked.
+2. Each batch: forward under ``no_grad`` in eval mode; each hooked group adds its tokens
+   (fused masked ``cov_update``, no gathered copy); once every hooked group has its input the
+   forward is stopped (results unchanged). Then every group that got data re-solves its top
+   ``r * rho`` eigenpairs warm-started from its previous Ritz basis (:mod:`.solve`), and one host
+   sync brings back token counts, finiteness flags, cosines with the previous estimate and
+   explained variance ratios. Ranks are redistributed (:mod:`.allocation`); a group converges
+   when the cosines of all the components its layers currently need are >= tau, and its hook is
+   detached (re-attached if its need grows).
+3. End (all converged, loader exhausted, or ``max_steps``): :mod:`.finalize` polishes, allocates,
+   whitens and builds the result from the :class:`RunState`.
+
+Hooks are removed and the model's train/eval mode restored in ``finally``.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+import eva_kernels
+
+from .. import distributed as dist_utils
+from ..config import EvaSettings
+from ..errors import EvaError, _StopForward
+from ..result import EvaStateDict
+from . import allocation
+from .capture import Capture
+from .finalize import build_result
+from .observer import EvaObserver, Observers, ProgressBar
+from .solve import Solver
+from .state import RunState
+from .tokens import move_inputs_to_device, token_mask
+from .variance_floor import apply_variance_floor
+
+#: Marker for the built-in model-input rule (:func:`eva.engine.tokens.token_mask` with the
+#: resolved label-mask settings): what the default ``prepare_model_inputs_fn`` is turned into.
+TOKEN_MASK = object()
+
+
+def topk_eigh_backend(requested: Optional[str], device: torch.device) -> eva_kernels.Backend:
+    """The eigensolver's backend: the requested one when it implements ``topk_eigh``, else auto.
+
+    The ``backend`` option names the backend of ``cov_update`` (which must be available: the
+    resolution raises with the fix otherwise); ``cpp`` has no eigensolver products, so with it
+    the eigensolver takes ``auto``. The result's metadata names what ran each op.
+    """
+    chosen = eva_kernels.resolve_backend("cov_update", device, requested)
+    if chosen.implements("topk_eigh"):
+        return eva_kernels.resolve_backend("topk_eigh", device, chosen)
+    return eva_kernels.resolve_backend("topk_eigh", device, "auto")
+
+
+class Engine:
+    """One run: drives the batches; the capture, solves and allocation act on its :class:`RunState`."""
+
+    def __init__(self, model: nn.Module, state: RunState, capture: Capture, settings: EvaSettings,
+                 forward_fn: Callable, prepare_model_inputs_fn, device: Optional[torch.device],
+                 observer: EvaObserver, show_progress_bar: bool):
+        self.model = model
+        self.state = state
+        self.capture = capture
+        self.settings = settings
+        self.opts = settings.options
+        self.forward_fn = forward_fn
+        self.prepare_model_inputs_fn = prepare_model_inputs_fn
+        self.device = device
+        self.observer = observer
+        self.show_progress_bar = show_progress_bar
+        self.solver: Optional[Solver] = None
+
+    # ---------------------------------------------------------------- one step -------------
+    def _model_input(self, batch):
+        if self.prepare_model_inputs_fn is TOKEN_MASK:
+            return token_mask(batch, self.settings.use_label_mask, self.settings.label_mask_value)
+        if self.prepare_model_inputs_fn is None:
+            return batch
+        return self.prepare_model_inputs_fn(batch, self.settings.peft_config)
+
+    @staticmethod
+    def _batch_mask_is_empty(model_input) -> bool:
+        if isinstance(model_input, Tensor):
+            if model_input.dtype == torch.bool:
+                return not bool(model_input.any())
+            return model_input.numel() == 0
+        return False
+
+    def _forward(self, batch) -> None:
+        try:
+            self.forward_fn(self.model, batch)
+        except _StopForward:
+            pass
+
+    def _make_solver(self) -> Solver:
+        device = self.state.stats_device()
+        backend = topk_eigh_backend(self.opts.backend, device)
+        method = eva_kernels.orthonormalization_for(device.type, self.opts.orthonormalization)
+        self.state.orthonormalization = method
+        return Solver(self.opts, backend, method, self.state.distributed)
+
+    def _update_convergence(self) -> None:
+        """Re-allocate ranks from the latest ratios; (un)hook groups by what they now need.
+
+        A zero-variance group (see :mod:`eva.engine.variance_floor`) offers no component, so it
+        needs nothing, but it is not "converged": it stays hooked while the run goes on (later
+        batches may bring variance) without holding the run up (see ``RunState.all_settled``).
+        """
+        state = self.state
+        if all(g.estimate.ratios is not None for g in state.groups):
+            allocation.reallocate(state)
+        tau = self.settings.tau
+        for g in state.groups:
+            need = state.needed(g)
+            est = g.estimate
+            enough = est.tokens >= allocation.tokens_needed(need, self.opts.centered)
+            was = g.converged
+            g.converged = not est.zero_variance and (need == 0 or (enough and est.converged_prefix(tau) >= need))
+            g.ever_converged = g.ever_converged or g.converged
+            self.capture.set_hooked(g, not g.converged)
+            if g.converged and not was:
+                self.observer.on_group_converged(state.step, g)
+
+    def _step(self, batch) -> None:
+        tf = time.perf_counter()
+        self._forward(batch)
+        self.state.forward_seconds += time.perf_counter() - tf
+        if self.capture.discovering:
+            self.capture.finish_discovery()
+        if self.solver is None:
+            self.solver = self._make_solver()
+        captured = [g for g in self.state.groups if g.hooks.captured]
+        for g in captured:
+            self.solver.solve(g, self.state.step)
+            g.estimate.steps += 1
+        self.solver.sync(captured, self.state.step)
+        apply_variance_floor(self.state.groups)
+        self.state.step += 1
+        self._update_convergence()
+        self.observer.on_step(self.state.step, self.state)
+
+    # ---------------------------------------------------------------- main loop ------------
+    def _next_batch(self, it):
+        """The next batch, or None when the loader is exhausted (on any rank, when distributed)."""
+        try:
+            batch = next(it)
+            exhausted = False
+        except StopIteration:
+            batch, exhausted = None, True
+        if self.state.distributed:
+            exhausted = dist_utils.any_rank(exhausted, dist_utils.collective_device())
+        return None if exhausted else batch
+
+    def run(self, dataloader) -> EvaStateDict:
+        state = self.state
+        state.started = time.perf_counter()
+        total_len = len(dataloader) if hasattr(dataloader, "__len__") else None
+        if total_len == 0:
+            raise EvaError("dataloader is empty: EVA needs at least one batch")
+        limit = self.opts.max_steps
+        bar = self._progress(total_len if limit is None else min(limit, total_len or limit))
+        it = iter(dataloader)
+        self.capture.attach_all_targets()
+        try:
+            while True:
+                if limit is not None and state.step >= limit:
+                    state.stop_reason = "max_steps"
+                    break
+                batch = self._next_batch(it)
+                if batch is None:
+                    if state.step == 0:
+                        raise EvaError("dataloader yielded no batch: EVA needs at least one batch")
+                    state.stop_reason = "exhausted"
+                    break
+                batch = move_inputs_to_device(batch, self.device)
+                model_input = self._model_input(batch)
+                if not state.distributed and self._batch_mask_is_empty(model_input):
+                    if not self.opts.skip_empty_batches:
+                        raise EvaError(f"batch {state.step} keeps no token after the padding/label mask; filter such "
+                                       "batches out, set use_label_mask=False, or pass skip_empty_batches=True")
+                    warnings.warn(f"EVA: skipping batch {state.step}: no token left after masking")
+                    state.step += 1
+                    continue
+                self.capture.begin_batch(model_input)
+                self._step(batch)
+                if state.all_settled():
+                    state.stop_reason = "converged"
+                    break
+        finally:
+            self.capture.remove_hooks()
+            if bar is not None:
+                bar.close()
+        state.backends = self._backends_used()
+        return build_result(state, self.settings, self.solver, self.device, self.observer)
+
+    def _backends_used(self) -> dict:
+        names = sorted({b.name for b in self.capture.backends.values()})
+        out = {"cov_update": ",".join(names)}
+        if self.solver is not None:
+            out["topk_eigh"] = self.solver.backend.name
+        return out
+
+    def _progress(self, total) -> Optional[ProgressBar]:
+        if not self.show_progress_bar:
+            return None
+        if self.state.distributed and torch.distributed.get_rank() != 0:
+            return None
+        try:
+            bar = ProgressBar(total)
+        except ImportError:
+            return None
+        self.observer = Observers([bar, self.observer])
+        return bar
+
+
+def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, forward_fn: Callable,
+            prepare_model_inputs_fn, prepare_layer_inputs_fn, device: Optional[torch.device],
+            gather_distributed_inputs: bool, show_progress_bar: bool, masked_layer_defaults: tuple = (),
+            observers=()) -> EvaStateDict:
+    """Run the engine with the model in eval mode under no_grad; hooks and mode always restored.
+
+    ``prepare_model_inputs_fn`` may be :data:`TOKEN_MASK` (the built-in rule);
+    ``masked_layer_defaults``: layer-input functions that mean "the masked tokens" (fused path).
+    """
+    from .capture import layer_rules
+    distributed = dist_utils.active(gather_distributed_inputs)
+    state = RunState.for_targets(targets, distributed)
+    observer = Observers(observers)
+    rules = layer_rules(prepare_layer_inputs_fn, state, masked_layer_defaults)
+    capture = Capture(state, rules, settings.options.centered, settings.options.backend,
+                      settings.options.skip_rest_of_forward, observer)
+    engine = Engine(model, state, capture, settings, forward_fn, prepare_model_inputs_fn, device, observer,
+                    show_progress_bar)
+    if distributed:  # PEFT's warning, word for word, then how we combine the ranks
+        warnings.warn("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
+                      "initialization will gather tensors from all ranks. Ensure the model does not receive the "
+                      "same inputs on different ranks. (eva-kernels sums each layer's statistics over the ranks "
+                      "instead of gathering activations; pass gather_distributed_inputs=False for independent "
+                      "per-rank runs.)")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return engine.run(dataloader)
+    finally:
+        capture.remove_hooks()
+        for module, training in modes:  # per module: mixed train/eval states survive
+            module.training = training

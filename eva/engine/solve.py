@@ -1,0 +1,114 @@
+"""Per-group eigen-estimates: one warm-started solve per group per step, one host sync per step.
+
+:meth:`Solver.solve` leaves device tensors in ``group.estimate.pending`` (eigenvalues, the
+variance terms of :mod:`eva.engine.variance_floor`, token count, a finiteness flag, cosines with
+the previous estimate); :meth:`Solver.sync` brings all of them to the host in one transfer per
+device and raises if a group saw NaN/Inf. Explained variance ratios are formed on the host by
+:func:`eva.engine.variance_floor.apply_variance_floor`, which needs every group's variance at once.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+import eva_kernels
+
+from .. import distributed as dist_utils
+from ..config import EvaOptions
+from ..errors import EvaError
+from .state import GroupState
+
+
+def _nan_error(members, step: int) -> EvaError:
+    return EvaError(f"layer(s) {members}: NaN or Inf in the input activations at batch {step} (after masking); "
+                    "check the model's dtype (fp16 overflow?) and the data")
+
+
+def _finite(cov: Tensor, colsum: Tensor) -> Tensor:
+    """0-d bool on the statistic's device: colsum and the diagonal of cov are finite (a NaN/Inf
+    token makes both non-finite, so the d^2 off-diagonal need not be read)."""
+    return torch.isfinite(colsum).all() & torch.isfinite(torch.diagonal(cov)).all()
+
+
+class Solver:
+    """Runs the solves of one run with the options and the backend resolved for it.
+
+    Args:
+        opts: the engine options (oversample, iters, seed, final_tol, final_max_iters).
+        backend: the resolved :class:`eva_kernels.Backend` of ``topk_eigh``.
+        orthonormalization: the algorithm between products (``eva_kernels.ORTHONORMALIZATIONS``).
+        distributed: sum each statistic over the ranks before solving.
+    """
+
+    def __init__(self, opts: EvaOptions, backend: eva_kernels.Backend, orthonormalization: str,
+                 distributed: bool):
+        self.opts = opts
+        self.backend = backend
+        self.orthonormalization = orthonormalization
+        self.distributed = distributed
+
+    def solve(self, group: GroupState, step: int, final: bool = False) -> None:
+        """Re-estimate ``group``'s top ``max_components`` eigenpairs (no host sync on the normal path).
+
+        When the eigensolver fails (LAPACK raises on NaN/Inf on CPU) and the statistics are not
+        finite, the error raised names the group's layers instead.
+        """
+        try:
+            self._solve(group, step, final)
+        except RuntimeError as exc:
+            if not bool(_finite(group.stats.cov, group.stats.colsum)):
+                raise _nan_error(group.members, step) from exc
+            raise
+
+    def _solve(self, group: GroupState, step: int, final: bool) -> None:
+        stats, est, opts = group.stats, group.estimate, self.opts
+        cov, colsum, count = stats.cov, stats.colsum, stats.count
+        if self.distributed:
+            cov, colsum, count = dist_utils.reduced_stats(cov, colsum, count)
+        c_sum, c_cnt = stats.centring(colsum, count)
+        common = dict(colsum=c_sum, count=c_cnt, init=est.basis, oversample=opts.oversample, return_basis=True,
+                      backend=self.backend, orthonormalization=self.orthonormalization)
+        if final:  # polish to a residual tolerance, warm-started from the streaming basis
+            res = eva_kernels.topk_eigh(cov, group.max_components, iters=1, seed=opts.seed, tol=opts.final_tol,
+                                        max_iters=opts.final_max_iters, **common)
+        else:
+            res = eva_kernels.topk_eigh(cov, group.max_components, iters=opts.iters, seed=opts.seed + step, **common)
+        pending = {
+            "eig": res.eigenvalues.to(torch.float64),
+            "var": stats.variance_terms(cov, colsum, count),
+            "count": count.to(torch.float64).reshape(1),
+            "finite": _finite(cov, colsum).to(torch.float64).reshape(1),
+        }
+        if est.components is not None and not final:
+            pending["cos"] = eva_kernels.component_cosines(est.components, res.eigenvectors).to(torch.float64)
+        est.pending = pending
+        est.basis = res.basis
+        est.components = res.eigenvectors
+        est.eigenvalues = res.eigenvalues
+
+    @staticmethod
+    def sync(groups: List[GroupState], step: int) -> None:
+        """One device->host transfer per device for every pending value of ``groups``."""
+        by_device: Dict[torch.device, List[GroupState]] = {}
+        for g in groups:
+            by_device.setdefault(g.estimate.pending["count"].device, []).append(g)
+        for dev_groups in by_device.values():
+            flat = torch.cat([torch.cat([g.estimate.pending[k].reshape(-1) for k in sorted(g.estimate.pending)])
+                              for g in dev_groups]).cpu().tolist()
+            pos = 0
+            for g in dev_groups:
+                est, vals = g.estimate, {}
+                for key in sorted(est.pending):
+                    n = est.pending[key].numel()
+                    vals[key] = flat[pos:pos + n]
+                    pos += n
+                est.pending = {}
+                if vals["finite"][0] != 1.0:
+                    raise _nan_error(g.members, step)
+                est.eigenvalues_host = vals["eig"]
+                est.variance = tuple(vals["var"])
+                est.tokens = int(round(vals["count"][0]))
+                if "cos" in vals:
+                    est.cosines = vals["cos"]

@@ -1,0 +1,95 @@
+"""Running activation statistics of one shared-input group, and its eigen-estimate.
+
+State (on the activations' device)::
+
+    cov    (d, d) fp32   sum (x - s)^T (x - s)   (upper triangle authoritative)
+    colsum (d,)   fp32   sum (x - s)
+    count  ()     int64  number of tokens
+    shift  (d,)   fp32   s: the mean of the first batch's kept tokens (centred mode), else 0
+
+The centred scatter matrix is ``cov - colsum colsum^T / count`` (exact for any fixed s;
+accumulating about s ~ mean keeps fp32 accurate for channels with a large mean). Its
+eigenvectors are the right-singular vectors of the centred token matrix: PCA of every
+token consumed. Uncentred mode uses s = 0 and no correction.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import eva_kernels
+
+from ..distributed import global_mean, masked_sum_and_count
+
+
+class RunningStats:
+    """``cov``/``colsum``/``count``/``shift`` of one group (see the module docstring).
+
+    ``backend`` is the resolved :class:`eva_kernels.Backend` of ``cov_update`` (resolved once
+    per run and device by the engine). ``distributed``: the shift is the mean over all ranks.
+    """
+
+    def __init__(self, d: int, device: torch.device, centered: bool, backend: eva_kernels.Backend,
+                 distributed: bool = False, name: str = ""):
+        self.name = name  # the group's leader layer (for messages and inspection)
+        self.d = d
+        self.distributed = distributed
+        self.centered = centered
+        self.backend = backend
+        self.cov = torch.zeros(d, d, dtype=torch.float32, device=device)
+        self.colsum = torch.zeros(d, dtype=torch.float32, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.shift: Optional[Tensor] = None
+        self.input_roundoff = 0.0  # unit roundoff of the coarsest input dtype seen (host, no sync)
+
+    def _init_shift(self, x: Tensor, mask: Optional[Tensor]) -> None:
+        if not self.centered:
+            self.shift = None
+            return
+        if self.distributed:
+            self.shift = torch.nan_to_num(global_mean(x, mask), nan=0.0, posinf=0.0, neginf=0.0)
+            return
+        if mask is None:
+            xf = x.to(torch.float32)
+            self.shift = xf.mean(0) if x.shape[0] else xf.new_zeros(self.d)
+        else:
+            total, kept = masked_sum_and_count(x, mask)
+            self.shift = total / kept.clamp_min(1)
+        # a NaN/Inf in the first batch must not poison every later batch through the shift;
+        # the finiteness check on colsum reports it.
+        self.shift = torch.nan_to_num(self.shift, nan=0.0, posinf=0.0, neginf=0.0).contiguous()
+
+    def update(self, x: Tensor, mask: Optional[Tensor]) -> None:
+        """Accumulate rows ``x`` (N, d) (kept where ``mask``); no host sync."""
+        if self.shift is None and self.centered:
+            self._init_shift(x, mask)
+        self.input_roundoff = max(self.input_roundoff, torch.finfo(x.dtype).eps / 2)
+        n = eva_kernels.cov_update(self.cov, self.colsum, x, mask, shift=self.shift, backend=self.backend)
+        self.count += n
+
+    # -- views used by the solver -------------------------------------------------------------
+    def centring(self, colsum: Tensor, count: Tensor):
+        """(colsum, count) arguments of ``topk_eigh`` for the chosen mode."""
+        return (colsum, count) if self.centered else (None, None)
+
+    def variance_terms(self, cov: Tensor, colsum: Tensor, count: Tensor) -> Tensor:
+        """(3,) float64 ``[V, S, R]`` for the zero-variance test (no sync; see :mod:`eva.variance_floor`).
+
+        ``S = trace(cov) = sum ||x_i - s||^2`` (what was accumulated about the shift ``s``),
+        ``V = S - ||colsum||^2 / n`` the total variance (centred mode; ``V = S`` uncentred),
+        ``R = S + 2 s . colsum + n ||s||^2 = sum ||x_i||^2`` the raw energy of the tokens.
+        ``cov``/``colsum``/``count`` may be the rank-summed ones of a distributed run.
+        """
+        acc = torch.diagonal(cov).to(torch.float64).sum()
+        if not self.centered:
+            return torch.stack([acc, acc, acc])
+        c = colsum.to(torch.float64)
+        n = count.to(torch.float64)
+        total = acc - (c @ c) / n.clamp_min(1)
+        raw = acc
+        if self.shift is not None:
+            s = self.shift.to(torch.float64)
+            raw = acc + 2 * (s @ c) + n * (s @ s)
+        return torch.stack([total, acc, raw])

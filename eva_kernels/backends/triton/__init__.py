@@ -1,0 +1,35 @@
+"""The ``triton`` backend: the ``cov_update`` kernel and the eigensolver's products in Triton.
+
+Importing this package registers the backend; when ``triton`` itself is not installed the
+import fails with ``ModuleNotFoundError(name="triton")``, which :mod:`eva_kernels.backends`
+records as the reason the backend is unavailable.
+
+Availability: CUDA tensors when ``torch.cuda.is_available()``; CPU tensors only when the
+kernels were decorated under ``TRITON_INTERPRET=1`` (set before ``eva_kernels`` is imported;
+see :data:`.config.INTERPRET`). ``auto`` picks it first on CUDA and never on CPU.
+
+The launchers are called directly (not through the ``eva_kernels::cov_update`` dispatcher op)
+and are hidden from ``torch.compile`` (a graph break: autotuning restores its outputs between
+trials, which tracing cannot express).
+"""
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (ModuleNotFoundError(name='triton') when absent: recorded upstream)
+
+from ..._registry import Backend, EigenProducts, register_backend
+from .config import FP32_DOT_PRECISION, INTERPRET, why_not
+from .cov_update_kernel import cov_update_triton
+from .eigen_steps import operator_matmul, symmetrize
+
+TRITON = Backend(
+    name="triton",
+    priority={"cuda": 30},
+    why_not=why_not,
+    cov_update=torch.compiler.disable(cov_update_triton),
+    topk_eigh=EigenProducts(prepare=symmetrize, matmul=torch.compiler.disable(operator_matmul)),
+    info={"fp32_dot": FP32_DOT_PRECISION, "interpreter": str(INTERPRET)},
+)
+register_backend(TRITON)
+
+__all__ = ["TRITON", "cov_update_triton", "symmetrize", "operator_matmul", "INTERPRET", "FP32_DOT_PRECISION"]

@@ -1,0 +1,111 @@
+"""``cov_update``: the fused, masked, shifted activation-covariance update.
+
+Math (every backend). For the rows ``x_i`` of ``x (n, d)`` with ``mask[i]`` and an optional
+fixed reference ``s (d,)`` (the *shift*), with ``y_i = float32(x_i) - s``::
+
+    cov    += sum_i y_i^T y_i          (d, d), fp32
+    colsum += sum_i y_i                (d,),   fp32
+    return    #{i : mask[i]}           0-d int64 on x.device
+
+Rows with ``mask[i] == False`` never contribute, even if they hold NaN or Inf. Backends
+update at least the upper triangle (row <= col) of ``cov``; the strictly lower triangle is
+unspecified afterwards. Every reader of ``cov`` (:func:`eva_kernels.topk_eigh`) reads the
+upper triangle only. The float64 specification is :func:`eva_kernels.testing.cov_update_spec`.
+
+The op ``torch.ops.eva_kernels.cov_update(cov, colsum, x, mask, shift) -> Tensor`` is declared
+once, here, with its fake (so it traces under ``torch.compile``); its default kernel is the
+``torch`` implementation and the C++ extension adds compiled CPU/CUDA kernels to it
+(``csrc/bindings.cpp``). :func:`cov_update` validates, resolves the backend
+(:mod:`eva_kernels._registry`) and runs it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._registry import Backend, resolve
+from ..backends.torch.cov_update import cov_update_torch
+from ..linalg import sym_from_upper
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _describe(t) -> str:
+    return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+
+
+def check_cov_update_args(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor],
+                          shift: Optional[Tensor]) -> None:
+    """Raise a clear error for bad arguments, before anything is written."""
+    for name, t in (("cov", cov), ("colsum", colsum), ("x", x)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"cov_update: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"cov_update: x must be 2-D (n, d), got shape {tuple(x.shape)}; "
+                         "flatten leading dimensions with x.reshape(-1, d)")
+    n, d = x.shape
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"cov_update: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if cov.shape != (d, d) or cov.dtype != torch.float32:
+        raise ValueError(f"cov_update: cov must be float32 ({d}, {d}) to match x's d={d}, got {_describe(cov)}")
+    if not cov.is_contiguous():
+        raise ValueError("cov_update: cov must be contiguous (it is updated in place)")
+    if colsum.shape != (d,) or colsum.dtype != torch.float32 or not colsum.is_contiguous():
+        raise ValueError(f"cov_update: colsum must be a contiguous float32 ({d},) tensor, got {_describe(colsum)}")
+    devs = {"cov": cov.device, "colsum": colsum.device}
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"cov_update: mask must be a bool ({n},) tensor, got {_describe(mask)}")
+        devs["mask"] = mask.device
+    if shift is not None:
+        if not isinstance(shift, Tensor) or shift.shape != (d,) or shift.dtype != torch.float32:
+            raise ValueError(f"cov_update: shift must be a float32 ({d},) tensor, got {_describe(shift)}")
+        devs["shift"] = shift.device
+    for name, dev in devs.items():
+        if dev != x.device:
+            raise ValueError(f"cov_update: {name} is on {dev} but x is on {x.device}; move them to one device")
+
+
+@torch.library.custom_op("eva_kernels::cov_update", mutates_args=("cov", "colsum"))
+def cov_update_op(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor],
+                  shift: Optional[Tensor]) -> Tensor:
+    """The dispatcher op: compiled kernel where the extension provides one, else ``torch``."""
+    return cov_update_torch(cov, colsum, x, mask, shift)
+
+
+@cov_update_op.register_fake
+def _(cov, colsum, x, mask, shift):
+    return x.new_empty((), dtype=torch.int64)
+
+
+def cov_update(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor] = None, *,
+               shift: Optional[Tensor] = None, backend: Union[str, Backend, None] = None) -> Tensor:
+    """Fused activation-covariance update, in place (see the module docstring for the math).
+
+    Args:
+        cov: (d, d) float32, contiguous. Only the upper triangle (row <= col) is guaranteed
+            to be updated; read it with :func:`eva_kernels.topk_eigh` or mirror it with
+            :func:`eva_kernels.symmetrize_`.
+        colsum: (d,) float32, contiguous.
+        x: (n, d) float32 / float16 / bfloat16, any strides; read once, widened on the fly.
+        mask: optional (n,) bool; rows with False are skipped (NaN/Inf in them is ignored).
+        shift: optional (d,) float32 reference subtracted from every row before accumulation.
+            Accumulating about a value near the data mean keeps fp32 accurate when a
+            channel's mean dwarfs its spread (centring later then cancels no digits).
+        backend: a name (``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"``) or a resolved
+            :class:`eva_kernels.Backend`; default ``EVA_BACKEND`` or auto. A named backend
+            that cannot run here raises :class:`eva_kernels.BackendUnavailableError`.
+
+    Returns:
+        0-d int64 tensor on ``x.device``: the number of rows used (no host sync on GPU).
+    """
+    check_cov_update_args(cov, colsum, x, mask, shift)
+    return resolve("cov_update", x.device, backend).cov_update(cov, colsum, x, mask, shift)
+
+
+def symmetrize_(cov: Tensor) -> Tensor:
+    """Mirror the upper triangle of square ``cov`` into its lower triangle, in place."""
+    cov.copy_(sym_from_upper(cov))
+    return cov

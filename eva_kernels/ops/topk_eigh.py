@@ -1,0 +1,168 @@
+"""Randomized, warm-startable truncated eigensolver for symmetric PSD matrices (Halko et al.).
+
+Problem: the top-``k`` eigenpairs of the operator ``A = sym(cov) - c c^T / n`` where
+``sym(cov)`` is the symmetric matrix whose upper triangle is stored in ``cov`` (d, d) and the
+optional rank-one term centres a scatter matrix accumulated about a fixed shift
+(``c = colsum``, ``n = count``). ``A`` is never formed with the correction.
+
+Algorithm (block size ``b = k + oversample``, capped at ``d``):
+
+1. test matrix ``Q0`` (d, b): the rows of ``init`` (previous estimate: warm start) topped
+   up with Gaussian columns, or all Gaussian;
+2. ``iters`` rounds of subspace iteration ``Q <- orth(A Q)``; the angle between the
+   i-th eigenvector and span(Q) shrinks like ``(lambda_{b+1} / lambda_i)^iters``;
+3. Rayleigh-Ritz: eigendecomposition of the small ``T = Q^T A Q`` (b, b); Ritz vectors
+   ``Q W`` sorted by descending Ritz value.
+
+With ``tol`` set, the iteration continues (up to ``max_iters``) until every wanted Ritz
+pair's residual ``||A v - theta v|| <= tol * theta_1``; that check synchronises with the
+host and is meant for final solves, not for per-batch tracking.
+
+The products ``A Q`` (from the stored triangle) come from the selected backend's
+:class:`eva_kernels.EigenProducts`; the orthonormalisation (:func:`eva_kernels.linalg.orthonormalize`,
+chosen by ``orthonormalization``, never by the backend) and the small eigh are shared.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._registry import Backend, resolve
+from ..linalg import orthonormalize, orthonormalization_for, subtract_centering, sym_from_upper
+from ..subspace import fix_signs
+
+
+class EighResult(NamedTuple):
+    eigenvalues: Tensor   # (k,) descending, dtype of cov
+    eigenvectors: Tensor  # (k, d) orthonormal rows, deterministic signs
+
+
+class EighBasis(NamedTuple):
+    eigenvalues: Tensor   # (k,)
+    eigenvectors: Tensor  # (k, d)
+    basis: Tensor         # (b, d) all Ritz vectors, descending: pass as ``init`` next time
+    ritz_values: Tensor   # (b,)
+
+
+def _gaussian(d: int, cols: int, like: Tensor, seed: int) -> Tensor:
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(int(seed))
+    return torch.randn(d, cols, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def _check_args(cov: Tensor, k: int, colsum, count, init, oversample, iters) -> None:
+    if not isinstance(cov, Tensor) or cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"topk_eigh: cov must be a square (d, d) tensor, got "
+                         f"{tuple(cov.shape) if isinstance(cov, Tensor) else type(cov).__name__}")
+    if cov.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"topk_eigh: cov must be float32 or float64, got {cov.dtype}")
+    d = cov.shape[0]
+    if not (isinstance(k, int) and 1 <= k <= d):
+        raise ValueError(f"topk_eigh: k must be an int in [1, d={d}], got {k!r}")
+    if (colsum is None) != (count is None):
+        raise ValueError("topk_eigh: pass colsum and count together (centring) or neither")
+    if colsum is not None:
+        if colsum.shape != (d,):
+            raise ValueError(f"topk_eigh: colsum must have shape ({d},), got {tuple(colsum.shape)}")
+        if colsum.device != cov.device:
+            raise ValueError(f"topk_eigh: colsum is on {colsum.device} but cov is on {cov.device}")
+    if init is not None:
+        if init.dim() != 2 or init.shape[1] != d or init.shape[0] < 1:
+            raise ValueError(f"topk_eigh: init must be (m, {d}) rows with m >= 1, got {tuple(init.shape)}")
+        if init.device != cov.device:
+            raise ValueError(f"topk_eigh: init is on {init.device} but cov is on {cov.device}")
+    if oversample < 0 or iters < 0:
+        raise ValueError("topk_eigh: oversample and iters must be >= 0")
+
+
+def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=None,
+              init: Optional[Tensor] = None, oversample: int = 8, iters: int = 2, seed: int = 0,
+              tol: Optional[float] = None, max_iters: int = 64, return_basis: bool = False,
+              backend: Union[str, Backend, None] = None, orthonormalization: str = "auto"):
+    """Top-``k`` eigenpairs of a symmetric PSD matrix given by its upper triangle.
+
+    Args:
+        cov: (d, d) float32/float64; only the upper triangle (row <= col) is read.
+        k: number of eigenpairs, ``1 <= k <= d``.
+        colsum, count: optional centring: the operator is ``sym(cov) - colsum colsum^T / count``
+            (``count`` a 0-d tensor or a number; clamped to >= 1).
+        init: (m, d) rows of a previous estimate (eigenvectors or a previous ``basis``); the
+            first ``min(m, b)`` rows seed the test matrix. Orthonormality not required.
+        oversample: extra block columns ``p``; block size ``b = min(d, k + p)``.
+        iters: subspace iterations (each one ``A Q`` product and one orthonormalisation).
+        seed: seed of the Gaussian test columns (generator on cov's device).
+        tol: if set, keep iterating until all k residuals are below ``tol * theta_1`` (host sync).
+        max_iters: cap on iterations when ``tol`` is set.
+        return_basis: also return the full Ritz basis (b, d) and values (b,) for warm starts.
+        backend: a name or a resolved :class:`eva_kernels.Backend` for the products ``A Q``
+            (``available_backends(device, "topk_eigh")``); default ``EVA_BACKEND`` or auto.
+        orthonormalization: ``"householder"``, ``"cholesky_qr3"`` or ``"auto"`` (by device:
+            :func:`eva_kernels.linalg.orthonormalization_for`).
+
+    Returns:
+        ``EighResult(eigenvalues (k,) descending, eigenvectors (k, d))`` in cov's dtype, or
+        ``EighBasis`` with ``basis``/``ritz_values`` when ``return_basis``. Eigenvalues are
+        clamped at 0. When ``b == d`` the answer is computed exactly by ``torch.linalg.eigh``.
+    """
+    _check_args(cov, k, colsum, count, init, oversample, iters)
+    d = cov.shape[0]
+    dtype = cov.dtype
+    if count is not None and not isinstance(count, Tensor):
+        # float64: a float32 tensor would round counts above 2**24 (e.g. 2**31 - 1 -> 2**31)
+        count = torch.tensor(float(count), dtype=torch.float64, device=cov.device)
+    b = min(d, k + oversample)
+    products = resolve("topk_eigh", cov.device, backend).topk_eigh
+    method = orthonormalization_for(cov.device.type, orthonormalization)
+    if b == d:  # the block is the whole space: exact dense solve
+        eye = torch.eye(d, dtype=dtype, device=cov.device)
+        a_c = subtract_centering(sym_from_upper(cov) @ eye, eye, colsum, count)
+        vals, vecs = torch.linalg.eigh(0.5 * (a_c + a_c.mT))
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        return _finish(vals, vecs, k, return_basis)
+
+    operand = products.prepare(cov)
+    q = _gaussian(d, b, cov, seed)
+    if init is not None:
+        m = min(init.shape[0], b)
+        q[:, :m] = init[:m].to(dtype).mT
+    q = orthonormalize(q, method)
+    done = 0
+    limit = max(iters, 1) if tol is None else max(max_iters, iters, 1)
+    while True:
+        y = products.matmul(operand, q, colsum, count)
+        done += 1
+        if tol is not None and done >= max(iters, 1):
+            vals, vecs, ay_ok = _ritz(q, y, k, tol)
+            if ay_ok or done >= limit:
+                return _finish(vals, vecs, k, return_basis)
+        if done >= limit:
+            break
+        q = orthonormalize(y, method)
+    # Rayleigh-Ritz on the last orthonormal block q with y = A q already computed.
+    vals, vecs, _ = _ritz(q, y, k, None)
+    return _finish(vals, vecs, k, return_basis)
+
+
+def _ritz(q: Tensor, aq: Tensor, k: int, tol: Optional[float]):
+    """Rayleigh-Ritz on span(q) given ``aq = A q``; optional residual test (host sync)."""
+    t = q.mT @ aq
+    t = 0.5 * (t + t.mT)
+    theta, w = torch.linalg.eigh(t)
+    theta, w = theta.flip(0), w.flip(1)
+    vecs = q @ w
+    ok = False
+    if tol is not None:
+        resid = aq @ w[:, :k] - vecs[:, :k] * theta[:k]
+        scale = theta[0].abs().clamp_min(torch.finfo(theta.dtype).tiny)
+        ok = bool((resid.norm(dim=0) <= tol * scale).all())
+    return theta, vecs, ok
+
+
+def _finish(vals: Tensor, vecs: Tensor, k: int, return_basis: bool):
+    vals = vals.clamp_min(0)
+    rows = fix_signs(vecs.mT.contiguous())
+    if return_basis:
+        return EighBasis(vals[:k], rows[:k], rows, vals)
+    return EighResult(vals[:k], rows[:k])

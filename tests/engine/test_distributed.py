@@ -1,0 +1,311 @@
+"""EVA under torch.distributed (gloo, 2 ranks on 127.0.0.1): statistics summed over ranks.
+
+Two spawned worker processes build the same tiny random Llama and each gets a different
+shard of the batches (rank 0 the even ones, rank 1 the odd ones). Every worker runs
+
+* ``early``:   gather_distributed_inputs=True, low tau (stops on convergence, in lockstep);
+* ``partial``: gathered, tau=0.3: groups detach at different batches, data runs out;
+* ``gather``:  gather_distributed_inputs=True, tau=1.0 (never converges: consumes all data);
+* ``local``:   gather_distributed_inputs=False (each rank on its own shard, no collective);
+
+and saves each result with ``EvaStateDict.save`` into a temporary folder. The test process
+then checks (a) both ranks agree, (b) the gathered run equals a single-process run on
+batches that concatenate the two ranks' batch i, (c) the local runs equal single-process
+runs on each shard. One spawn serves every test (module-scoped fixture) to keep it fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import eva
+from helpers import random_token_batches
+from eva_kernels import subspace_overlap
+
+pytestmark = pytest.mark.distributed
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+WORLD = 2
+N_BATCHES = 8  # 4 per rank
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R = 3
+JOIN_TIMEOUT_S = 90.0  # whole spawn (imports ~8 s per worker on 2 shared cores)
+PG_TIMEOUT_S = 60.0    # a collective that waits this long fails instead of hanging
+BIG_COUNT = 2**24 + 1  # tokens per rank in the count-reduction check
+RUNS = {  # name -> (gather_distributed_inputs, tau)
+    "early": (True, 0.1),     # every group converges after 2 batches
+    "partial": (True, 0.3),   # groups converge (hooks detach) at different batches
+    "gather": (True, 1.0),
+    "local": (False, 0.99),
+}
+
+
+# ------------------------------------------------------------------ shared by both sides --------
+def build_model():
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    return LlamaModel(cfg).eval()
+
+
+def all_batches():
+    return random_token_batches(97, N_BATCHES, batch=2, seq=13, seed=11, pad_last=3)
+
+
+def shard(rank):
+    return all_batches()[rank::WORLD]
+
+
+def concatenated():
+    """Batch i = rank 0's batch i followed by rank 1's batch i (same sequence length)."""
+    shards = [shard(r) for r in range(WORLD)]
+    return [{k: torch.cat([s[i][k] for s in shards]) for k in shards[0][i]} for i in range(len(shards[0]))]
+
+
+def lora_config(tau):
+    from peft import LoraConfig
+    from peft.tuners.lora.config import EvaConfig
+    return LoraConfig(r=R, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=tau))
+
+
+PEFT_DIST_WARNING = ("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
+                     "initialization will gather tensors from all ranks.")
+
+
+def run_eva(model, batches, tau, **kw):
+    """The result, and whether PEFT's distributed warning was raised (its leading words)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = eva.get_eva_state_dict(model, batches, lora_config(tau), show_progress_bar=False,
+                                    on_unconverged="warn", **kw)
+    return sd, any(str(w.message).startswith(PEFT_DIST_WARNING) for w in caught)
+
+
+def param_checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+# ------------------------------------------------------------------ worker ----------------------
+def _worker(rank: int, port: int, out_dir: str, queue) -> None:
+    """One rank; reports ("ok", rank, info) or ("error", rank, traceback) on ``queue``."""
+    initialised = False
+    try:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+        os.environ.pop("EVA_BACKEND", None)
+        torch.set_num_threads(1)  # 2 ranks on 2 shared cores
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
+        initialised = True
+        model = build_model()
+        batches = shard(rank)
+        info = {"checksum": param_checksum(model)}
+        # token counts past 2**24 (float32's exact-integer range), summed over ranks
+        from eva.distributed import reduced_stats
+        _, _, count = reduced_stats(torch.zeros(2, 2), torch.zeros(2), torch.tensor(BIG_COUNT))
+        info["reduced_count"] = int(count)
+        info["warned"] = {}
+        for name, (gather, tau) in RUNS.items():
+            sd, info["warned"][name] = run_eva(model, batches, tau, gather_distributed_inputs=gather)
+            sd.save(os.path.join(out_dir, f"{name}_rank{rank}.safetensors"))
+        dist.barrier()
+        with open(os.path.join(out_dir, f"info_rank{rank}.json"), "w") as f:
+            json.dump(info, f)
+        queue.put(("ok", rank, ""))
+    except BaseException:  # noqa: BLE001 - everything must reach the test process
+        tb = traceback.format_exc()
+        try:
+            with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
+                f.write(tb)
+        finally:
+            queue.put(("error", rank, tb))
+        raise
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(out_dir: str) -> None:
+    import queue as queue_mod
+    import time
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, out_dir, q), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    reports, deadline = {}, time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while len(reports) < WORLD and time.monotonic() < deadline:
+            try:
+                status, rank, tb = q.get(timeout=0.5)
+                reports[rank] = (status, tb)
+                if status == "error":
+                    break  # the other rank may now wait forever in a collective
+            except queue_mod.Empty:
+                if all(p.exitcode is not None for p in procs):
+                    break  # every worker is gone; whatever it reported was read
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    # one died without a report (e.g. a crash): its peer would wait in a
+                    # collective until the process-group timeout; stop now
+                    try:
+                        status, rank, tb = q.get(timeout=1.0)
+                        reports[rank] = (status, tb)
+                    except queue_mod.Empty:
+                        pass
+                    break
+        failed = len(reports) < WORLD or any(s == "error" for s, _ in reports.values())
+        for p in procs:
+            p.join(timeout=5.0 if failed else max(1.0, deadline - time.monotonic()))
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(5)
+    errors = [f"rank {r}:\n{tb}" for r, (s, tb) in sorted(reports.items()) if s == "error"]
+    for r in range(WORLD):  # a worker that died before reporting may still have left a file
+        path = os.path.join(out_dir, f"error_rank{r}.txt")
+        if r not in reports and os.path.exists(path):
+            errors.append(f"rank {r}:\n{open(path).read()}")
+    if errors:
+        pytest.fail("distributed worker failed:\n" + "\n".join(errors), pytrace=False)
+    if hung:
+        pytest.fail(f"distributed workers {[procs.index(p) for p in hung]} hung (> {JOIN_TIMEOUT_S:.0f} s) "
+                    f"and were killed; reports: {reports}", pytrace=False)
+    bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    if bad or len(reports) < WORLD:
+        pytest.fail(f"distributed workers exited abnormally (rank, exit code): {bad}; reports: {reports}",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add OpenMP spin-waits on shared cores (as in the workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eva_dist"))
+    _spawn(out)
+    res = {name: [eva.load_eva_state_dict(os.path.join(out, f"{name}_rank{r}.safetensors"))
+                  for r in range(WORLD)] for name in RUNS}
+    res["info"] = [json.load(open(os.path.join(out, f"info_rank{r}.json"))) for r in range(WORLD)]
+    return res
+
+
+# ------------------------------------------------------------------ checks ----------------------
+def kept_tokens(batches) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def assert_same_pca(a, b, min_overlap=0.9999):
+    assert list(a) == list(b)
+    for name in a:
+        la, lb = a.metadata["layers"][name], b.metadata["layers"][name]
+        assert la["tokens"] == lb["tokens"], name
+        assert a[name].shape == b[name].shape, (name, a[name].shape, b[name].shape)
+        if a[name].shape[0]:
+            ov = float(subspace_overlap(a[name].double(), b[name].double()))
+            assert ov >= min_overlap, f"{name}: overlap {ov:.6f}"
+        torch.testing.assert_close(torch.tensor(la["explained_variance_ratio"]),
+                                   torch.tensor(lb["explained_variance_ratio"]), rtol=1e-3, atol=1e-6)
+
+
+def test_workers_built_the_same_model(dist_results):
+    ref = param_checksum(build_model())
+    assert [i["checksum"] for i in dist_results["info"]] == [ref] * WORLD
+
+
+@pytest.mark.parametrize("run", ["early", "partial", "gather"])
+def test_ranks_agree(dist_results, run):
+    """(a) every rank solves the same summed statistics: bit-identical results and decisions."""
+    r0, r1 = dist_results[run]
+    assert list(r0) == list(r1)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert r0.metadata["layers"] == r1.metadata["layers"]
+    for key in ("steps", "stop_reason", "distributed"):
+        assert r0.metadata["run"][key] == r1.metadata["run"][key], key
+    assert r0.metadata["run"]["distributed"] is True
+
+
+def test_early_stop_in_lockstep(dist_results):
+    r0, _ = dist_results["early"]
+    run = r0.metadata["run"]
+    assert run["stop_reason"] == "converged" and run["steps"] < N_BATCHES // WORLD
+    # tokens are global: both shards' batches up to the stopping step
+    steps = run["steps"]
+    global_tokens = kept_tokens(concatenated()[:steps])
+    assert max(info["tokens"] for info in r0.metadata["layers"].values()) == global_tokens
+
+
+def test_partial_convergence_equals_single_process(dist_results):
+    """Groups that converged early stop consuming tokens on every rank at the same batch."""
+    r0, _ = dist_results["partial"]
+    steps = {info["steps"] for info in r0.metadata["layers"].values()}
+    assert len(steps) > 1, "tau=0.3 should make some groups converge before the data ends"
+    single, _ = run_eva(build_model(), concatenated(), RUNS["partial"][1])
+    for name, info in r0.metadata["layers"].items():
+        s_info = single.metadata["layers"][name]
+        assert (info["steps"], info["tokens"], info["converged"]) == (
+            s_info["steps"], s_info["tokens"], s_info["converged"]), name
+        assert info["tokens"] == kept_tokens(concatenated()[:info["steps"]]), name
+    assert_same_pca(r0, single)
+
+
+def test_gathered_equals_single_process_on_concatenated_batches(dist_results):
+    """(b) summed statistics == statistics of the concatenated batches."""
+    r0, _ = dist_results["gather"]
+    assert r0.metadata["run"]["stop_reason"] == "exhausted"
+    assert r0.metadata["run"]["steps"] == N_BATCHES // WORLD
+    total = sum(kept_tokens(shard(r)) for r in range(WORLD))
+    assert all(info["tokens"] == total for info in r0.metadata["layers"].values())
+    single, _ = run_eva(build_model(), concatenated(), 1.0)
+    assert single.metadata["run"]["distributed"] is False
+    assert single.metadata["run"]["steps"] == r0.metadata["run"]["steps"]
+    assert_same_pca(r0, single)
+
+
+def test_local_runs_equal_single_process_on_own_shard(dist_results):
+    """(c) gather_distributed_inputs=False: no collective, each rank = its shard alone."""
+    model = build_model()
+    for rank, sd in enumerate(dist_results["local"]):
+        assert sd.metadata["run"]["distributed"] is False
+        single, _ = run_eva(model, shard(rank), RUNS["local"][1])
+        assert sd.metadata["run"]["steps"] == single.metadata["run"]["steps"]
+        assert max(i["tokens"] for i in sd.metadata["layers"].values()) == kept_tokens(shard(rank))
+        assert_same_pca(sd, single)
+    # the shards differ, so the two ranks' local results must differ
+    a, b = dist_results["local"]
+    assert any(not torch.equal(a[n], b[n]) for n in a if a[n].numel() and a[n].shape == b[n].shape)
+
+
+def test_reduced_token_count_is_exact_beyond_float32(dist_results):
+    assert [i["reduced_count"] for i in dist_results["info"]] == [WORLD * BIG_COUNT] * WORLD
+
+
+def test_peft_distributed_warning_only_when_gathering(dist_results):
+    """PEFT warns when statistics are combined over ranks; we keep its words (matched in logs)."""
+    for info in dist_results["info"]:
+        assert info["warned"] == {name: gather for name, (gather, _) in RUNS.items()}

@@ -1,0 +1,66 @@
+"""Helpers shared by the test modules (importable as ``helpers``: tests/ is on sys.path).
+
+* random token batches and tiny random-weight transformer models;
+* ``starve_layer_at_first``: make the first rank allocations give a layer rank 0;
+* ``DEVICE`` / ``TRITON_MARKS``: where kernel tests run, and the marks of Triton tests.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+#: Device of the kernel tests: CUDA when present, else CPU (Triton then needs the interpreter).
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TRITON_MARKS = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
+]
+
+
+def random_token_batches(vocab: int, n_batches: int, batch: int = 3, seq: int = 17, seed: int = 0,
+                         pad_last: int = 4):
+    """Batches of random ids with right padding in the last sequence of each batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if pad_last:
+            mask[-1, -pad_last:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def tiny_llama_model(hidden: int = 40, intermediate: int = 72, layers: int = 2, vocab: int = 97,
+                     positions: int = 64, seed: int = 0):
+    """A random-weight ``LlamaModel`` with grouped-query attention (4 heads, 2 KV heads), eval mode."""
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=positions)
+    return LlamaModel(cfg).eval()
+
+
+def starve_layer_at_first(monkeypatch, victim: str, allocations: int = 2) -> None:
+    """Make the engine's first ``allocations`` rank allocations give ``victim`` rank 0.
+
+    With rank 0 the victim's group counts as converged and its hook is detached; afterwards the
+    real allocation gives it ranks again, so the group is reopened (re-hooked).
+    """
+    from eva.engine import allocation
+    real = allocation.redistribute_ranks
+    calls = {"n": 0}
+
+    def starving(layers, max_components, ratios, budget):
+        calls["n"] += 1
+        ranks = real(layers, max_components, ratios, budget)
+        if calls["n"] <= allocations:
+            ranks[victim] = 0
+        return ranks
+
+    monkeypatch.setattr(allocation, "redistribute_ranks", starving)
