@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test nvcc-check bench-cpu bench-ops-cpu clean
+.PHONY: install demo test nvcc-check triton-check bench-cpu bench-ops-cpu clean
 
 # torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
 install:
@@ -16,13 +16,20 @@ install:
 demo: install
 	$(PY) -m eva.cli demo --out out/minilm_eva.safetensors --plot out/minilm_eva_ranks.png
 
-# Compile every csrc/**/*.cu with nvcc for sm_80 and sm_90a (skipped when nvcc is absent).
+# Compile every csrc/**/*.cu with nvcc for sm_80 and sm_90a, print ptxas's registers / spills /
+# shared memory per kernel, fail on any spill (skipped when nvcc is absent).
 nvcc-check:
 	bash tools/nvcc_check.sh
 
+# Compile every Triton kernel variant and autotuning config for sm_80 and sm_90 (no GPU needed),
+# print registers / spills / shared memory, fail on spills or shared memory beyond the target's
+# unless the case is listed with its reason (eva_kernels/backends/triton/launches.py).
+triton-check: install
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(PY) -m eva_kernels.backends.triton.compile_check
+
 # EVA_REQUIRE_EXT: a broken C++ build fails `make test` instead of silently skipping the cpp tests.
 test: export EVA_REQUIRE_EXT := 1
-test: install nvcc-check
+test: install nvcc-check triton-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
 
 # Benchmarks run as modules from the repository root (see benches/__init__.py).

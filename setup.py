@@ -5,7 +5,9 @@ Install torch first, then ``pip install --no-build-isolation -e .``.
 
 * CPU only (``torch.version.cuda is None`` or no nvcc): a CppExtension with the C++ kernel.
 * torch with CUDA and nvcc present: a CUDAExtension that also compiles csrc/cuda/*.cu for
-  sm_80 and sm_90a (override with EVA_CUDA_ARCHS, e.g. ``EVA_CUDA_ARCHS="80;90a;100a"``).
+  sm_80 and sm_90a (override with EVA_CUDA_ARCHS, e.g. ``EVA_CUDA_ARCHS="80;90a;100a"``), plus
+  PTX of compute_90 (``EVA_CUDA_PTX``, default ``90``; empty for none) that the driver JIT-compiles
+  on newer GPUs instead of failing with "no kernel image".
 
 Environment variables:
   EVA_SKIP_EXT=1      build no extension (pure-Python install; backend "cpp" is unavailable).
@@ -69,6 +71,9 @@ def _extension():
     if nvcc:
         archs = os.environ.get("EVA_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (s.strip() for s in archs) if a]
+        ptx = os.environ.get("EVA_CUDA_PTX", "90").strip()
+        if ptx:  # forward compatibility: PTX that the driver JIT-compiles for newer GPUs
+            gencode.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
         cu = [os.path.relpath(p, _ROOT) for p in sorted(glob.glob(os.path.join(_ROOT, "csrc", "cuda", "*.cu")))]
         ext = ce.CUDAExtension(
             "eva_kernels._C", sources + cu, include_dirs=include_dirs,

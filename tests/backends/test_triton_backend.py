@@ -41,3 +41,18 @@ def test_unavailable_message_is_clear():
     if msg is not None:
         assert "TRITON_INTERPRET=1" in msg
     assert eva_kernels.get_backend("triton").priority == {"cuda": 30}  # never auto on CPU
+
+
+def test_every_variant_keeps_a_config_on_every_checked_target():
+    """The compile check's exclusions (spilling configs, pruned at run time) never leave a
+    variant without a config, and name only configs that exist."""
+    from eva_kernels.backends.triton.launches import EXCLUDED, LAUNCHES, config_label, prune_configs
+    labels = {(launch.name, config_label(c)) for launch in LAUNCHES for c in launch.configs}
+    assert {(kernel, cfg) for kernel, cfg, _, _ in EXCLUDED} <= labels
+    for launch in LAUNCHES:
+        for variant in launch.variants:
+            for major in (8, 9, 10):
+                kept = prune_configs(launch.name, list(launch.configs), variant.label, major)
+                assert kept and all(c in launch.configs for c in kept), (launch.name, variant.label, major)
+                sm = 90 if major >= 9 else 80
+                assert not any((launch.name, config_label(c), variant.label, sm) in EXCLUDED for c in kept)

@@ -36,7 +36,9 @@ else:  # pragma: no cover
 #: error compensation) is as accurate as fp32 FMA to ~1e-6 relative and several times faster
 #: on Ampere/Hopper; the interpreter computes in plain fp32 (``"ieee"``).
 #: Override with ``EVA_TRITON_FP32_DOT=ieee`` (or ``tf32``, ``tf32x3``).
-FP32_DOT_PRECISION: str = os.environ.get("EVA_TRITON_FP32_DOT", "ieee" if INTERPRET else "tf32x3")
+#: The GPU default, which the compile check (:mod:`.compile_check`) compiles.
+GPU_FP32_DOT_PRECISION = "tf32x3"
+FP32_DOT_PRECISION: str = os.environ.get("EVA_TRITON_FP32_DOT", "ieee" if INTERPRET else GPU_FP32_DOT_PRECISION)
 if FP32_DOT_PRECISION not in ("ieee", "tf32", "tf32x3"):
     raise ValueError(f"EVA_TRITON_FP32_DOT={FP32_DOT_PRECISION!r}: choose ieee, tf32 or tf32x3")
 

@@ -45,17 +45,18 @@ from torch import Tensor
 
 from .config import FP32_DOT_PRECISION, INTERPRET, num_sms, pow2_bucket
 
-if INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    ]
+#: The configs autotuning may pick on a GPU. Each is compiled for sm_80 and sm_90 by the compile
+#: check (:mod:`.compile_check`): on sm_90 none spills; on sm_80 the fp32 (tf32x3) variants spill
+#: with all but BLOCK_K=16 and are pruned there (:data:`.launches.EXCLUDED`). 128 x 128 tiles
+#: spill in every variant on both targets (fp32 accumulator + tf32x3 operands), so none is listed.
+GPU_CONFIGS = [
+    triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+]
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+_CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
 
 # Minimum rows per n-split: enough k-steps to amortise the atomic epilogue of a tile.
 _MIN_ROWS_PER_SPLIT = 256 if not INTERPRET else 16
@@ -79,8 +80,18 @@ def _grid(meta):
     return (_n_tiles(meta["d"], b), _n_splits(meta["n"], meta["d"], b, meta["SMS"]))
 
 
+def _prune(configs, named_args, **kwargs):
+    """Drop the configs the compile check found spilling for this variant on this GPU."""
+    from .launches import prune_configs, variant_of_cov_update
+    x = named_args["x_ptr"]
+    if INTERPRET or x.device.type != "cuda":
+        return configs
+    variant = variant_of_cov_update(x.dtype, bool(kwargs.get("HAS_SHIFT", named_args.get("HAS_SHIFT"))))
+    return prune_configs("_cov_update_kernel", configs, variant, torch.cuda.get_device_capability(x.device)[0])
+
+
 @triton.autotune(configs=_CONFIGS, key=["d", "N_BUCKET", "HAS_MASK", "HAS_SHIFT", "LOWP_DOT"],
-                 restore_value=["cov_ptr", "colsum_ptr", "count_ptr"])
+                 restore_value=["cov_ptr", "colsum_ptr", "count_ptr"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_ptr,
                        n, d, stride_xn, stride_xd,

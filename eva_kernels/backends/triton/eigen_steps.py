@@ -28,6 +28,11 @@ def _dev_ctx(t: Tensor):
 
 
 # ---------------------------------------------------------------- symmetrize (mirror) ----
+#: Block of the mirror kernel on a GPU (the interpreter uses 32); launched with 4 warps.
+MIRROR_BLOCK = 64
+MIRROR_WARPS = 4
+
+
 @triton.jit
 def _mirror_kernel(src_ptr, dst_ptr, d, BLOCK: tl.constexpr):
     pi = tl.program_id(0)
@@ -50,27 +55,37 @@ def symmetrize(cov: Tensor) -> Tensor:
     src = cov.contiguous()
     d = src.shape[0]
     out = torch.empty_like(src)
-    block = 32 if INTERPRET else 64
+    block = 32 if INTERPRET else MIRROR_BLOCK
     grid = (triton.cdiv(d, block), triton.cdiv(d, block))
     with _dev_ctx(src):
-        _mirror_kernel[grid](src, out, d, BLOCK=block, num_warps=4)
+        _mirror_kernel[grid](src, out, d, BLOCK=block, num_warps=MIRROR_WARPS)
     return out
 
 
 # ------------------------------------------------ centred operator matmul (A - cc^T/n) q ----
-if INTERPRET:
-    _OP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-else:
-    _OP_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    ]
+#: The configs autotuning may pick on a GPU (compiled for sm_80 and sm_90 by :mod:`.compile_check`;
+#: the ones that spill on sm_80 are pruned there, see :data:`.launches.EXCLUDED`).
+GPU_OP_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+INTERPRETER_OP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+_OP_CONFIGS = INTERPRETER_OP_CONFIGS if INTERPRET else GPU_OP_CONFIGS
+
+def _prune(configs, named_args, **kwargs):
+    """Drop the configs the compile check found spilling for this variant on this GPU."""
+    from .launches import prune_configs
+    q = named_args["q_ptr"]
+    if INTERPRET or q.device.type != "cuda":
+        return configs
+    variant = "fp32-centred" if kwargs.get("HAS_C", named_args.get("HAS_C")) else "fp32"
+    return prune_configs("_centered_matmul_kernel", configs, variant, torch.cuda.get_device_capability(q.device)[0])
 
 
-@triton.autotune(configs=_OP_CONFIGS, key=["d", "b", "HAS_C"])
+@triton.autotune(configs=_OP_CONFIGS, key=["d", "b", "HAS_C"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _centered_matmul_kernel(a_ptr, q_ptr, c_ptr, n_ptr, y_ptr, d, b,
                             stride_am, stride_ak, stride_qk, stride_qn, stride_ym, stride_yn,

@@ -1,0 +1,185 @@
+"""Compile every Triton kernel variant and config for sm_80 and sm_90, without a GPU.
+
+    python -m eva_kernels.backends.triton.compile_check [--jobs N] [--sm 80,90]
+
+For each :class:`~.launches.Launch`: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", sm,
+32))`` for every (variant, config); then ``ptxas -v`` (Triton's own) on the PTX for registers and
+spills, and Triton's metadata for the shared memory. One line per case is printed. The check
+fails (exit code 1) when
+
+* a ``@triton.jit`` function of the backend has no ``Launch`` (a new kernel must say how it is
+  launched, or why it never is);
+* a case does not compile, spills registers, or needs more shared memory than the target has
+  (sm_80: 163 KiB, sm_90: 227 KiB per block), unless it is listed in ``launches.EXCLUDED`` with
+  its reason (the autotuners prune those at run time).
+
+Must run without ``TRITON_INTERPRET=1`` (the kernels must be compiled, not interpreted); ``make
+test`` runs it that way before the test suite. Compiled kernels are cached by Triton
+(``~/.triton/cache``), so a second run takes seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+#: Shared memory one block may use (the opt-in maximum), bytes.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_BACKEND_MODULES = ("config", "cov_update_kernel", "eigen_steps")
+
+
+class Report(NamedTuple):
+    kernel: str
+    variant: str
+    config: str
+    sm: int
+    regs: Optional[int]
+    spill_bytes: Optional[int]
+    smem: Optional[int]
+    seconds: float
+    error: Optional[str]
+
+    def problem(self) -> Optional[str]:
+        """Why this case fails the check (None when it passes)."""
+        if self.error:
+            return f"does not compile: {self.error}"
+        if self.spill_bytes:
+            return f"spills {self.spill_bytes} B"
+        if self.smem is not None and self.smem > SMEM_LIMIT[self.sm]:
+            return f"needs {self.smem // 1024} KiB shared memory > {SMEM_LIMIT[self.sm] // 1024} KiB"
+        return None
+
+
+def _ptxas(sm: int) -> str:
+    """Path of the ptxas Triton uses for ``sm`` (falls back to one on PATH)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            return get_ptxas(sm).path
+        except TypeError:  # older Triton: get_ptxas() without an architecture
+            return get_ptxas().path
+    except Exception:  # noqa: BLE001 - layout of Triton's internals changed
+        import shutil
+        return shutil.which("ptxas") or "ptxas"
+
+
+def _resources(ptx: str, sm: int) -> Tuple[int, int]:
+    """(registers, spill store + load bytes) of the single kernel in ``ptx``, by ``ptxas -v``."""
+    arch = "sm_90a" if sm == 90 else f"sm_{sm}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(sm), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return regs, spills
+
+
+def _compile_case(args) -> Report:
+    """Worker: compile one (launch, variant, config, sm) case and measure it."""
+    li, vi, ci, sm = args
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .launches import LAUNCHES, config_label
+
+    launch = LAUNCHES[li]
+    variant, cfg = launch.variants[vi], launch.configs[ci]
+    signature = {**launch.signature, **variant.types}
+    constexprs = {**variant.constexprs, **cfg.kwargs}
+    names = list(launch.kernel.arg_names)
+    full_sig = {n: signature.get(n, "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    t0 = time.perf_counter()
+    try:
+        compiled = triton.compile(ASTSource(launch.kernel, full_sig, constexprs, attrs),
+                                  target=GPUTarget("cuda", sm, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        regs, spills = _resources(compiled.asm["ptx"], sm)
+        smem, error = int(compiled.metadata.shared), None
+    except Exception as exc:  # noqa: BLE001 - reported as this case's failure
+        regs = spills = smem = None
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return Report(launch.name, variant.label, config_label(cfg), sm, regs, spills, smem,
+                  time.perf_counter() - t0, error)
+
+
+def _jit_functions() -> Dict[str, object]:
+    """Every ``@triton.jit`` function of the backend's modules, by name (autotuners unwrapped)."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+    found = {}
+    for mod_name in _BACKEND_MODULES:
+        mod = importlib.import_module(f"{__package__}.{mod_name}")
+        for value in vars(mod).values():
+            fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)
+            if isinstance(fn, JITFunction) and fn.__module__ == mod.__name__:
+                found[fn.__name__] = fn
+    return found
+
+
+def run(sms: List[int], jobs: int) -> int:
+    """Compile everything, print the report, return the number of failures."""
+    from .config import INTERPRET
+    if INTERPRET:
+        print("compile check: TRITON_INTERPRET=1 is set; run it without (the kernels must be compiled)")
+        return 1
+    from .launches import LAUNCHES, excluded_reason
+
+    failures = 0
+    described = {launch.name for launch in LAUNCHES}
+    for name in sorted(set(_jit_functions()) - described):
+        print(f"FAIL {name}: a @triton.jit kernel without a Launch in launches.py (say how it is launched)")
+        failures += 1
+    cases = [(li, vi, ci, sm) for li, launch in enumerate(LAUNCHES) if not launch.never_launched
+             for vi in range(len(launch.variants)) for ci in range(len(launch.configs)) for sm in sms]
+    for launch in LAUNCHES:
+        if launch.never_launched:
+            print(f"skip {launch.name}: never launched ({launch.never_launched})")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        reports = list(pool.map(_compile_case, cases))
+    print(f"{'kernel':<24} {'sm':>3} {'variant':<18} {'config':<42} {'regs':>4} {'spill':>6} {'smem KiB':>8}  status")
+    for (li, vi, ci, sm), r in zip(cases, reports):
+        launch = LAUNCHES[li]
+        problem = r.problem()
+        reason = excluded_reason(r.kernel, launch.configs[ci], r.variant, sm)
+        if problem and reason:
+            status = f"excluded ({problem}): {reason}"
+        elif problem:
+            status = f"FAIL: {problem}"
+            failures += 1
+        elif reason:
+            status = f"ok, but listed as excluded ({reason}): remove it from EXCLUDED"
+            failures += 1
+        else:
+            status = "ok"
+        smem = "-" if r.smem is None else f"{r.smem / 1024:.0f}"
+        print(f"{r.kernel:<24} {sm:>3} {r.variant:<18} {r.config:<42} {r.regs if r.regs is not None else '-':>4} "
+              f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} {smem:>8}  {status}")
+    print(f"compile check: {len(cases)} cases for sm_{', sm_'.join(map(str, sms))} in "
+          f"{time.perf_counter() - t0:.0f} s, {failures} failure(s)")
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eva_kernels.backends.triton.compile_check",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--sm", default="80,90", help="compute capabilities to compile for (default 80,90)")
+    args = parser.parse_args(argv)
+    return 1 if run([int(s) for s in args.sm.split(",")], max(1, args.jobs)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

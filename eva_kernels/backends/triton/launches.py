@@ -1,0 +1,149 @@
+"""How each Triton kernel of this backend is launched, for the compile check.
+
+For every ``@triton.jit`` function of the backend, a :class:`Launch` gives the types of its
+runtime arguments, the constexpr *variants* its launcher uses (dtypes and flags), and the
+configs (block sizes, warps, stages) it may run with: the autotuning list of an autotuned
+kernel, the fixed launch of the others. :mod:`.compile_check` compiles every
+(variant, config) for sm_80 and sm_90 and fails on a kernel without a ``Launch`` here, on
+spills and on shared memory beyond the target's, unless the case is in :data:`EXCLUDED` with
+its reason; the autotuners prune excluded cases at run time (:func:`prune_configs`).
+
+Pointers are described as 16-byte aligned (as torch allocations are), integers as 32-bit:
+the common specialisation of a real launch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import triton
+
+from . import config as _config_module
+from . import cov_update_kernel as _cov
+from . import eigen_steps as _eig
+
+_TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
+                    "torch.float64": "fp64"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One specialisation: pointer-type overrides and constexpr values."""
+
+    label: str
+    types: Dict[str, str]
+    constexprs: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Every way a kernel is launched (see the module docstring)."""
+
+    kernel: Any                      # the JITFunction
+    signature: Dict[str, str]        # runtime argument -> Triton type ("*fp32", "i32", ...)
+    variants: Tuple[Variant, ...]
+    configs: Tuple[triton.Config, ...]
+    never_launched: Optional[str] = None  # why a kernel needs no compile (it is never launched)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+
+def config_label(cfg: triton.Config) -> str:
+    """``BLOCK=128,BLOCK_K=64/w8/s3``: a config's constexprs, warps and stages."""
+    kw = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{kw}/w{cfg.num_warps}/s{cfg.num_stages}"
+
+
+def _cov_update_variants() -> Tuple[Variant, ...]:
+    """Each input dtype with and without a shift (the two arithmetic paths), with a mask: the
+    unmasked kernel is the same minus one load per row, so it is compiled under the masked label."""
+    out = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for shift in (False, True):
+            lowp = dtype != "fp32" and not shift
+            out.append(Variant(f"{dtype}{'-shift' if shift else ''}", {"x_ptr": f"*{dtype}"},
+                               dict(HAS_MASK=True, HAS_SHIFT=shift, LOWP_DOT=lowp,
+                                    FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION)))
+    return tuple(out)
+
+
+def _jit(fn):
+    """The kernel under an autotuner (or the kernel itself)."""
+    from triton.runtime.autotuner import Autotuner
+    return fn.fn if isinstance(fn, Autotuner) else fn
+
+
+LAUNCHES: List[Launch] = [
+    Launch(
+        kernel=_jit(_cov._cov_update_kernel),
+        signature=dict(x_ptr="*fp32", mask_ptr="*u8", shift_ptr="*fp32", cov_ptr="*fp32", colsum_ptr="*fp32",
+                       count_ptr="*i64", n="i32", d="i32", stride_xn="i32", stride_xd="i32", N_BUCKET="i32",
+                       SMS="i32"),
+        variants=_cov_update_variants(),
+        configs=tuple(_cov.GPU_CONFIGS),
+    ),
+    Launch(
+        kernel=_jit(_eig._centered_matmul_kernel),
+        signature=dict(a_ptr="*fp32", q_ptr="*fp32", c_ptr="*fp32", n_ptr="*i64", y_ptr="*fp32", d="i32", b="i32",
+                       stride_am="i32", stride_ak="i32", stride_qk="i32", stride_qn="i32", stride_ym="i32",
+                       stride_yn="i32"),
+        variants=tuple(Variant("fp32" + ("-centred" if c else ""), {},
+                               dict(HAS_C=c, FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION))
+                       for c in (False, True)),
+        configs=tuple(_eig.GPU_OP_CONFIGS),
+    ),
+    Launch(
+        kernel=_jit(_eig._mirror_kernel),
+        signature=dict(src_ptr="*fp32", dst_ptr="*fp32", d="i32"),
+        variants=tuple(Variant(t, {"src_ptr": f"*{t}", "dst_ptr": f"*{t}"}, {}) for t in ("fp32", "fp64")),
+        configs=(triton.Config({"BLOCK": _eig.MIRROR_BLOCK}, num_warps=_eig.MIRROR_WARPS, num_stages=3),),
+    ),
+    Launch(
+        kernel=_jit(_config_module._probe),
+        signature=dict(x_ptr="*i32"),
+        variants=(),
+        configs=(),
+        never_launched="decorated only to detect the interpreter (config.INTERPRET)",
+    ),
+]
+
+_TF32X3_SPILL = "spills on sm_80: tf32x3 (three TF32 products per fp32 product) needs more registers than fit"
+#: (kernel, config label, variant label, sm) -> why this case is pruned at run time. The compile
+#: check fails when a listed case stops needing it (so the list stays true).
+EXCLUDED: Dict[Tuple[str, str, str, int], str] = {
+    **{("_cov_update_kernel", cfg, variant, 80): _TF32X3_SPILL
+       for cfg in ("BLOCK=64,BLOCK_K=64/w8/s3", "BLOCK=64,BLOCK_K=32/w8/s3", "BLOCK=64,BLOCK_K=32/w4/s3")
+       for variant in ("fp32", "fp32-shift")},
+    **{("_centered_matmul_kernel", cfg, "fp32-centred", 80): _TF32X3_SPILL + " (with the centring epilogue)"
+       for cfg in ("BLOCK_M=64,BLOCK_N=32,BLOCK_K=64/w4/s4", "BLOCK_M=64,BLOCK_N=32,BLOCK_K=64/w8/s4")},
+    **{("_centered_matmul_kernel", cfg, variant, 80): _TF32X3_SPILL
+       for cfg in ("BLOCK_M=128,BLOCK_N=32,BLOCK_K=64/w8/s3", "BLOCK_M=64,BLOCK_N=64,BLOCK_K=64/w8/s3")
+       for variant in ("fp32", "fp32-centred")},
+}
+
+
+def excluded_reason(kernel: str, cfg: triton.Config, variant: str, sm: int) -> Optional[str]:
+    return EXCLUDED.get((kernel, config_label(cfg), variant, sm))
+
+
+def variant_of_cov_update(x_dtype, has_shift: bool) -> str:
+    """The :class:`Variant` label of a ``cov_update`` launch."""
+    return f"{_TORCH_TO_TRITON[str(x_dtype)]}{'-shift' if has_shift else ''}"
+
+
+def check_sm(major: int) -> int:
+    """The compile-checked target whose rules apply to a device of compute capability ``major``."""
+    return 90 if major >= 9 else 80
+
+
+def prune_configs(kernel: str, configs: List[triton.Config], variant: str, capability_major: int
+                  ) -> List[triton.Config]:
+    """``configs`` minus those :data:`EXCLUDED` for this kernel, variant and device."""
+    sm = check_sm(capability_major)
+    kept = [c for c in configs if excluded_reason(kernel, c, variant, sm) is None]
+    return kept or list(configs)
+
+
+__all__ = ["Launch", "Variant", "LAUNCHES", "EXCLUDED", "config_label", "prune_configs", "variant_of_cov_update"]
