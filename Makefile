@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test nvcc-check triton-check bench-cpu bench-ops-cpu clean
+.PHONY: install demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
 
 # torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
 install:
@@ -31,6 +31,12 @@ triton-check: install
 test: export EVA_REQUIRE_EXT := 1
 test: install nvcc-check triton-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
+
+# On a GPU machine (offline: over the machine's own torch): the GPU tests, then every GPU bench,
+# within 9 minutes; writes benches/results/*_<gpu>.json and a summary (benches/gpu_check.py).
+gpu-check:
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	env -u TRITON_INTERPRET $(PY) -m benches.gpu_check
 
 # Benchmarks run as modules from the repository root (see benches/__init__.py).
 bench-cpu: install

@@ -37,7 +37,7 @@ def overlaps_with_exact(sd, seen: Dict[str, List[Tensor]], centered: bool = True
     for name, comp in sd.items():
         if comp.shape[0]:
             _, exact, _ = exact_pca(seen[sd.metadata["layers"][name]["group"]], comp.shape[0], centered)
-            out[name] = float(subspace_overlap(comp.double(), exact))
+            out[name] = float(subspace_overlap(comp.double().cpu(), exact))
     return out
 
 
@@ -52,7 +52,7 @@ def check_against_exact(sd, seen: Dict[str, List[Tensor]], centered: bool = True
             continue
         s, exact, n = exact_pca(seen[layers[name]["group"]], rank, centered)
         assert n == layers[name]["tokens"], (name, n, layers[name]["tokens"])
-        ov = float(subspace_overlap(comp.double(), exact))
+        ov = float(subspace_overlap(comp.double().cpu(), exact))
         worst = min(worst, ov)
         assert ov >= min_overlap, f"{name}: overlap {ov:.6f} with exact PCA (rank {rank}, {n} tokens)"
         total = (s ** 2).sum()
