@@ -78,7 +78,8 @@ def _extension():
         ext = ce.CUDAExtension(
             "eva_kernels._C", sources + cu, include_dirs=include_dirs,
             define_macros=[("EVA_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode},
+            # no --use_fast_math: the fp32 path must keep IEEE division and denormals (exact FMA kernel)
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + gencode},
             extra_link_args=link)
         kind = "CUDA (" + ", ".join(gencode) + ")"
     else:

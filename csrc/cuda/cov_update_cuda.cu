@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(NTHREADS) cov_tc_kernel(Args a) {
   }
   finish_block(a, bi, bj, j0, r_begin, r_end, tid, csum);
 #else
-  __trap();  // tensor-core path needs sm_80+ (the launcher is only built for sm_80 / sm_90a)
+  __trap();  // unreachable: below sm_80 the launcher picks cov_fma_kernel
 #endif
 }
 
@@ -270,14 +270,31 @@ cudaError_t cov_update_cuda_launch(float* cov, float* colsum, unsigned long long
   const long long pairs = tiles * (tiles + 1) / 2;
   if (pairs > 0x7fffffffLL) return cudaErrorInvalidValue;
 
-  int dev = 0, sms = 0;
+  int dev = 0, sms = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
 
-  // Enough blocks to fill the GPU (~4 resident per SM), but at least 256 rows per chunk.
-  const long long target = 4LL * (sms > 0 ? sms : 1);
+  // The kernel: tensor cores for 16-bit input without a shift on sm_80+ (WMMA bf16 needs sm_80);
+  // the exact fp32 FMA kernel otherwise, which also serves GPUs below sm_80 (no trap there).
+  const bool tc = (shift == nullptr) && dtype != XDType::kFloat32 && major >= 8;
+  void (*kernel)(Args) = nullptr;
+  switch (dtype) {
+    case XDType::kFloat32: kernel = cov_fma_kernel<float>; break;
+    case XDType::kFloat16: kernel = tc ? cov_tc_kernel<__half> : cov_fma_kernel<__half>; break;
+    case XDType::kBFloat16: kernel = tc ? cov_tc_kernel<__nv_bfloat16> : cov_fma_kernel<__nv_bfloat16>; break;
+    default: return cudaErrorInvalidValue;
+  }
+
+  // Enough blocks to fill the GPU (every SM holds as many as this kernel's registers and shared
+  // memory allow, from the occupancy calculator), but at least 256 rows per chunk.
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NTHREADS, 0);
+  if (err != cudaSuccess) return err;
+  const long long target = static_cast<long long>(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
   long long nsplit = (target + pairs - 1) / pairs;
   const long long max_split = (n + 255) / 256;
   if (nsplit > max_split) nsplit = max_split;
@@ -302,23 +319,7 @@ cudaError_t cov_update_cuda_launch(float* cov, float* colsum, unsigned long long
   a.atomic = nsplit > 1 ? 1 : 0;
 
   const dim3 grid(static_cast<unsigned int>(pairs), static_cast<unsigned int>(nsplit));
-  const dim3 block(NTHREADS);
-  const bool tc = (shift == nullptr) && dtype != XDType::kFloat32;
-  switch (dtype) {
-    case XDType::kFloat32:
-      cov_fma_kernel<float><<<grid, block, 0, stream>>>(a);
-      break;
-    case XDType::kFloat16:
-      if (tc) cov_tc_kernel<__half><<<grid, block, 0, stream>>>(a);
-      else cov_fma_kernel<__half><<<grid, block, 0, stream>>>(a);
-      break;
-    case XDType::kBFloat16:
-      if (tc) cov_tc_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a);
-      else cov_fma_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  kernel<<<grid, dim3(NTHREADS), 0, stream>>>(a);
   return cudaGetLastError();
 }
 
