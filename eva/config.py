@@ -43,7 +43,12 @@ class EvaOptions:
             True skips such batches with a warning.
         skip_rest_of_forward: stop the forward pass once every layer that still needs data
             has captured its input (results are identical, time is saved).
-        oversample: extra eigensolver block columns; iters: subspace iterations per batch.
+        oversample: extra eigensolver block columns; iters: subspace iterations per solve.
+        check_every: solve, reallocate ranks and test convergence every this many batches (1:
+            every batch). Between checks the groups only accumulate, so the solves cost 1/k;
+            convergence then compares estimates k batches apart (a stricter test) and a group
+            may consume up to k - 1 batches after the check it would have passed earlier. The
+            components are the exact PCA of the tokens consumed either way.
         final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final
             polish solve (warm-started from the streaming estimate); final_max_iters caps it.
         backend: eva_kernels backend ("auto", "torch", "triton", "cpp"; default EVA_BACKEND) of
@@ -61,6 +66,7 @@ class EvaOptions:
     skip_rest_of_forward: bool = True
     oversample: int = 8
     iters: int = 2
+    check_every: int = 1
     final_tol: float = 1e-4
     final_max_iters: int = 50
     backend: Optional[str] = None
@@ -79,6 +85,7 @@ class EvaOptions:
                    f"must be an int in [0, {MAX_OVERSAMPLE}] (extra eigensolver columns; 8 is plenty)")
         _check_int("iters", self.iters, 1, MAX_ITERS,
                    f"must be an int in [1, {MAX_ITERS}] (subspace iterations per batch; iters >= 1)")
+        _check_int("check_every", self.check_every, 1, None, "must be an int >= 1 (batches between solves)")
         _check_int("final_max_iters", self.final_max_iters, 1, MAX_FINAL_ITERS,
                    f"must be an int in [1, {MAX_FINAL_ITERS}]")
         _check_int("seed", self.seed, 0, 2**63 - 1, "must be a non-negative int")

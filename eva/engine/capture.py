@@ -12,6 +12,7 @@ when ``skip_rest_of_forward``: what follows cannot change the statistics.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Optional
 
@@ -242,7 +243,9 @@ class Capture:
             raise EvaError(f"layer {name}: input moved from {group.stats.cov.device} to {rows.device} between "
                            "batches; keep each layer on one device during EVA")
         self.observer.on_rows(group, rows, mask)
+        t0 = time.perf_counter()
         group.stats.update(rows, mask)
+        self.state.stats_seconds += time.perf_counter() - t0
         group.hooks.captured = True
 
     def _backend(self, device: torch.device) -> eva_kernels.Backend:

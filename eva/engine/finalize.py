@@ -94,6 +94,7 @@ def _layer_info(state: RunState, name: str) -> dict:
         "explained_variance_ratio": [float(v) for v in est.ratios[: target.max_components]],
         "tokens": est.tokens,
         "steps": est.steps,
+        "solves": est.solves,
         "converged": bool(g.converged),  # the engine's decision for the layer's group
         "zero_variance": bool(est.zero_variance),  # offered no component (see eva.engine.variance_floor)
         "min_cosine": None if min_cos is None or math.isnan(min_cos) else min_cos,
@@ -108,6 +109,8 @@ def _run_info(state: RunState) -> dict:
         "rank_budget": state.budget,
         "seconds": (time.perf_counter() - state.started) if state.started else 0.0,
         "forward_seconds": state.forward_seconds,
+        "stats_seconds": state.stats_seconds,
+        "solve_seconds": state.solve_seconds,
         "polish_seconds": state.polish_seconds,
         "backend": state.backends.get("cov_update", ""),
         "backends": dict(state.backends),

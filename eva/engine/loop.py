@@ -129,22 +129,38 @@ class Engine:
                 self.observer.on_group_converged(state.step, g)
 
     def _step(self, batch) -> None:
+        """One batch: forward and accumulate; on check steps (every ``check_every`` batches) the
+        groups that got data since their last solve re-solve, one host sync, the variance floor,
+        the reallocation and the convergence decisions."""
+        state = self.state
         tf = time.perf_counter()
         self._forward(batch)
-        self.state.forward_seconds += time.perf_counter() - tf
+        state.forward_seconds += time.perf_counter() - tf
         if self.capture.discovering:
             self.capture.finish_discovery()
+        for g in state.groups:
+            if g.hooks.captured:
+                g.estimate.steps += 1
+                g.hooks.unsolved = True
+        state.step += 1
+        if state.step % self.opts.check_every == 0:
+            self._check()
+        self.observer.on_step(state.step, state)
+
+    def _check(self) -> None:
         if self.solver is None:
             self.solver = self._make_solver()
-        captured = [g for g in self.state.groups if g.hooks.captured]
-        for g in captured:
-            self.solver.solve(g, self.state.step)
-            g.estimate.steps += 1
-        self.solver.sync(captured, self.state.step)
-        apply_variance_floor(self.state.groups)
-        self.state.step += 1
+        state = self.state
+        ts = time.perf_counter()
+        due = [g for g in state.groups if g.hooks.unsolved]
+        for g in due:
+            self.solver.solve(g, state.step - 1)
+            g.estimate.solves += 1
+            g.hooks.unsolved = False
+        self.solver.sync(due, state.step - 1)
+        apply_variance_floor(state.groups)
+        state.solve_seconds += time.perf_counter() - ts
         self._update_convergence()
-        self.observer.on_step(self.state.step, self.state)
 
     # ---------------------------------------------------------------- main loop ------------
     def _next_batch(self, it):
@@ -197,6 +213,8 @@ class Engine:
             self.capture.remove_hooks()
             if bar is not None:
                 bar.close()
+        if self.solver is None and state.stats_device() is not None:  # fewer batches than check_every
+            self.solver = self._make_solver()
         state.backends = self._backends_used()
         return build_result(state, self.settings, self.solver, self.device, self.observer)
 

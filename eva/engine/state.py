@@ -26,7 +26,8 @@ class Estimate:
     Host (after the sync): ``eigenvalues_host`` (descending), ``variance = (V, S, R)`` (see
     :mod:`eva.engine.variance_floor`), ``tokens``, ``cosines`` with the previous estimate, and
     the explained variance ``ratios`` set by the variance floor (all zero when
-    ``zero_variance``). ``steps``: solves so far, one per batch the group consumed.
+    ``zero_variance``). ``steps``: batches the group consumed; ``solves``: streaming solves so far
+    (one per check, ``EvaOptions.check_every``; equal to ``steps`` when every batch is checked).
     """
 
     basis: Optional[Tensor] = None
@@ -40,10 +41,11 @@ class Estimate:
     ratios: Optional[List[float]] = None
     zero_variance: bool = False
     steps: int = 0
+    solves: int = 0
 
     def converged_prefix(self, tau: float) -> int:
         """Number of leading components whose cosine with the previous estimate is >= tau."""
-        if self.cosines is None or self.steps < 2:
+        if self.cosines is None or self.solves < 2:
             return 0
         n = 0
         for c in self.cosines:
@@ -56,11 +58,13 @@ class Estimate:
 @dataclass
 class HookCounts:
     """Capture bookkeeping: leader calls per forward (learnt in the first forward), calls in
-    this step, whether the group got data this step, and whether its hook is attached."""
+    this step, whether the group got data this step, whether it got data since its last solve,
+    and whether its hook is attached."""
 
     per_forward: int = 0
     this_step: int = 0
     captured: bool = False
+    unsolved: bool = False
     hooked: bool = False
 
 
@@ -99,7 +103,9 @@ class RunState:
     backends: Dict[str, str] = field(default_factory=dict)  # op -> backend that ran it
     orthonormalization: str = ""
     started: float = 0.0                  # time.perf_counter() at the start
-    forward_seconds: float = 0.0
+    forward_seconds: float = 0.0          # forwards, including the statistic updates in the hooks
+    stats_seconds: float = 0.0            # the statistic updates alone (wall clock: on a GPU, launches)
+    solve_seconds: float = 0.0            # streaming solves, syncs and variance floor
     polish_seconds: float = 0.0
 
     @classmethod
