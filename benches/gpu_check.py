@@ -9,8 +9,8 @@ Steps, each with its own time limit (and never beyond what is left of the budget
    ``tests/ops`` (every op and backend on CUDA; the CPU-only fuzz tests are left out),
    ``tests/backends``, ``tests/engine/test_engine_cuda.py``.
 2. ``bench_cov_update``: every backend and the PyTorch baselines (fp32, tf32, bf16 GEMM) at
-   d = 1024, 4096, 14336 and n = 512, 8192, bf16 and fp32, with the bf16 GEMM peak measured in
-   the same run.
+   d = 1024, 4096, 14336 and n = 512, 8192, bf16 and fp32, without and with the engine's shift
+   (16-bit: the bf16-split tensor-core path), with the bf16 GEMM peak measured in the same run.
 3. ``bench_topk_eigh``: the eigensolver's products and orthonormalisation per backend.
 4. ``bench_engine_gpu``: EVA against the forward passes alone (and PEFT's EVA) on a random-weight
    Llama.
@@ -45,15 +45,15 @@ class Step(NamedTuple):
 def steps(dry_run: bool) -> List[Step]:
     py = sys.executable
     dry = ["--dry-run"] if dry_run else []
-    sizes = [] if dry_run else ["--d", "1024,4096,14336", "--n", "512,8192"]
+    sizes = ["--shift", "none,mean"] + ([] if dry_run else ["--d", "1024,4096,14336", "--n", "512,8192"])
     return [
         Step("tests", [py, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "tests/ops", "tests/backends",
                        "tests/engine/test_engine_cuda.py", "--ignore=tests/ops/test_fuzz_ops.py"], 220, True),
         Step("bench_cov_update", [py, "-m", "benches.ops.bench_cov_update", "--device", "cuda",
-                                  *sizes, *dry], 130, False),
+                                  *sizes, *dry], 160, False),
         Step("bench_topk_eigh", [py, "-m", "benches.ops.bench_topk_eigh", *dry], 50, False),
         Step("bench_engine_gpu", [py, "-m", "benches.engine.bench_engine_gpu", "--model", "small", "--with-peft",
-                                  *dry], 150, False),
+                                  *dry], 130, False),
     ]
 
 

@@ -33,6 +33,10 @@ Run from the repository root:
     python -m benches.ops.bench_cov_update --device cuda [--quick] [--keep 0.9]
     python -m benches.ops.bench_cov_update --device cuda --dry-run    (smoke test: CPU, Triton interpreter, tiny)
 ``--d``/``--n`` replace the sizes (e.g. ``--device cuda --d 384,1024,2048,4096,8192 --n 2048,16384``).
+``--shift none,mean`` adds the engine's case to the grid: a fp32 shift (the mean of the first 64
+rows) subtracted from every row, which 16-bit input on the GPU kernels turns into the bf16 split
+(three bf16 tensor-core products; fp32 input: tf32x3 / FMA as without a shift). The ``bf16``
+baseline then rounds ``x - shift`` to bf16 (one GEMM, inexact: its ``rel_err`` shows by how much).
 """
 from __future__ import annotations
 
@@ -69,13 +73,17 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="cpu: wall-clock runs per provider (median)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--error-max-n", type=int, default=2048, help="compute errors for n up to this")
+    p.add_argument("--shift", default="none", help="comma list of none (no shift) / mean (the engine's "
+                                                    "centring shift); default none")
     return p.parse_args(argv)
 
 
 class Inputs(NamedTuple):
-    """One case: rows ``x`` (n, d), ``mask`` (n,) bool or None, float64 ``spec`` or None."""
+    """One case: rows ``x`` (n, d), ``mask`` (n,) bool or None, ``shift`` (d,) fp32 or None,
+    float64 ``spec`` or None."""
     x: torch.Tensor
     mask: Optional[torch.Tensor]
+    shift: Optional[torch.Tensor]
     spec: Optional[torch.Tensor]
 
 
@@ -87,9 +95,9 @@ def accumulate(update):
         d = inp.x.shape[1]
         cov = torch.zeros(d, d, device=inp.x.device)
         colsum = torch.zeros(d, device=inp.x.device)
-        update(cov, colsum, inp.x, inp.mask, None)
+        update(cov, colsum, inp.x, inp.mask, inp.shift)
         values = {} if inp.spec is None else {"rel_err": rel_err_upper(cov, inp.spec)}
-        return Setup({"ms": lambda: update(cov, colsum, inp.x, inp.mask, None)}, values)
+        return Setup({"ms": lambda: update(cov, colsum, inp.x, inp.mask, inp.shift)}, values)
     return setup
 
 
@@ -111,7 +119,7 @@ def tf32_update(cov, colsum, x, mask, shift):
 def bf16_update(mode: str):
     """bf16 GEMM with fp32 output added into ``cov`` (``mode`` from :func:`addmm_out_dtype_mode`)."""
     def update(cov, colsum, x, mask, shift):
-        xb = x.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16) if shift is None else (x.float() - shift).to(torch.bfloat16)
         xm = xb if mask is None else torch.where(mask.unsqueeze(1), xb, xb.new_zeros(()))
         if mode == "inplace":
             torch.addmm(cov, xm.mT, xm, out_dtype=torch.float32, out=cov)
@@ -213,11 +221,12 @@ def main(argv=None):
         n, d = case["n"], case["d"]
         x = torch.randn(n, d, device=dev, generator=gen).to(getattr(torch, case["dtype"]))
         mask = torch.rand(n, device=dev, generator=gen) < keep if keep < 1 else None
+        shift = x[:64].float().mean(0) if case["shift"] == "mean" else None
         spec = None
         if n <= args.error_max_n:
             spec = torch.zeros(d, d, dtype=torch.float64, device=dev)
-            cov_update_spec(spec, torch.zeros(d, dtype=torch.float64, device=dev), x, mask)
-        return Inputs(x, mask, spec)
+            cov_update_spec(spec, torch.zeros(d, dtype=torch.float64, device=dev), x, mask, shift)
+        return Inputs(x, mask, shift, spec)
 
     rate, per_ms, label = RATE[mode]
 
@@ -238,7 +247,10 @@ def main(argv=None):
 
     print(f"{SCRIPT} --device {mode}: providers {list(providers)} (main backend {main_backend}) on "
           f"{env['device']}; d {ds}, n {ns}, mask keeps {keep:.0%}", flush=True)
-    rows = harness.run_grid(harness.grid(dtype=DTYPES[mode], d=ds, n=ns), make_inputs, providers, timer,
+    shifts = args.shift.split(",")
+    if not set(shifts) <= {"none", "mean"}:
+        raise SystemExit(f"{SCRIPT}: --shift takes none and/or mean, got {args.shift!r}")
+    rows = harness.run_grid(harness.grid(dtype=DTYPES[mode], shift=shifts, d=ds, n=ns), make_inputs, providers, timer,
                             derive=derive, repeats=repeats if mode == "cpu" else None)
 
     meta = dict(env, device="cpu" if dev == "cpu" else env["device"], cpu=harness.cpu_name(),
@@ -251,7 +263,7 @@ def main(argv=None):
                      + ("interleaved wall-clock medians (ms)" if mode == "cpu" else "do_bench medians (ms)"))
     out = args.out or harness.default_out(f"cov_update_{'gpu' if mode == 'cuda' else 'cpu'}", dev,
                                           partial=args.quick or args.dry_run)
-    columns = (["dtype", "n", "d"] + [f"{p}_ms" for p in providers] + [f"{p}_{rate}" for p in providers]
+    columns = (["dtype", "shift", "n", "d"] + [f"{p}_ms" for p in providers] + [f"{p}_{rate}" for p in providers]
                + ["speedup", "useful_%peak"] + [f"x_vs_{b}" for b in BASELINES] + [f"{p}_rel_err" for p in providers])
     if mode == "cpu":
         title = (f"cov_update on {meta['cpu']} ({meta['threads']} threads, cpp ISA {meta['cpu_isa']}, torch "

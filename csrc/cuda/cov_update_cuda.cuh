@@ -17,9 +17,12 @@ enum class XDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // cov: (d, d) fp32 row-major contiguous; colsum: (d,) fp32; x: (n, d) with element strides
 // (sr, sc), dtype `dtype`; mask: (n,) bool contiguous or nullptr; shift: (d,) fp32 contiguous
 // or nullptr; count: one zero-initialised int64 (as unsigned long long) or unused.
-// Masked-out rows are never read. bf16/fp16 input without shift uses tensor cores (WMMA,
-// fp32 accumulation; products of 16-bit values are exact in fp32); fp32 input or any input
-// with a shift uses an exact fp32 FMA kernel (no TF32, no rounding of x - shift to 16 bits).
+// Masked-out rows are never read. On sm_80 and newer, bf16/fp16 input uses tensor cores (WMMA,
+// fp32 accumulation): without a shift the 16-bit values as they are (products exact in fp32);
+// with a shift y = float32(x) - shift as a bf16 hi/lo split, three MMAs, each product within a
+// relative 3 * 2^-18 (eva_kernels.ops.cov_update.SPLIT_PRODUCT_ERROR); colsum always from the
+// exact fp32 y. fp32 input, and every input below sm_80, uses an exact fp32 FMA kernel (no TF32,
+// no fast-math). Loads are 128-bit when x has unit column stride and 16-byte aligned rows.
 // Returns the launch status (cudaSuccess or the error).
 cudaError_t cov_update_cuda_launch(float* cov, float* colsum, unsigned long long* count,
                                    const void* x, XDType dtype, int64_t n, int64_t d,

@@ -12,6 +12,13 @@ update at least the upper triangle (row <= col) of ``cov``; the strictly lower t
 unspecified afterwards. Every reader of ``cov`` (:func:`eva_kernels.topk_eigh`) reads the
 upper triangle only. The float64 specification is :func:`eva_kernels.testing.cov_update_spec`.
 
+Accuracy contract: fp32 accumulation of the products ``y_ia y_ib``. The products are exact in
+fp32 except for 16-bit ``x`` with a shift on GPU kernels, which multiply ``y`` as a bf16 hi/lo
+split on tensor cores (``y ~= hi + lo``, three bf16 products): there each product has relative
+error <= :data:`SPLIT_PRODUCT_ERROR` (``3 * 2^-18``, about 1.1e-5), so the error of an entry is
+at most that times ``sum_i |y_ia y_ib|``, plus fp32 accumulation. ``colsum`` is always summed
+from the exact fp32 ``y``.
+
 The op ``torch.ops.eva_kernels.cov_update(cov, colsum, x, mask, shift) -> Tensor`` is declared
 once, here, with its fake (so it traces under ``torch.compile``); its default kernel is the
 ``torch`` implementation and the C++ extension adds compiled CPU/CUDA kernels to it
@@ -30,6 +37,11 @@ from ..backends.torch.cov_update import cov_update_torch
 from ..linalg import sym_from_upper
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Bound on the relative error of one product ``y_a y_b`` computed by the bf16 split (module
+#: docstring): with ``hi = rn_bf16(y)``, ``lo = rn_bf16(y - hi)``, ``|y - hi - lo| <= 2^-18 |y|``
+#: and the dropped ``|lo_a lo_b| <= 2^-18 |y_a y_b|``, so ``<= 3 * 2^-18`` (to first order).
+SPLIT_PRODUCT_ERROR = 3 * 2.0 ** -18
 
 
 def _describe(t) -> str:

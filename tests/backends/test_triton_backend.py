@@ -56,3 +56,43 @@ def test_every_variant_keeps_a_config_on_every_checked_target():
                 assert kept and all(c in launch.configs for c in kept), (launch.name, variant.label, major)
                 sm = 90 if major >= 9 else 80
                 assert not any((launch.name, config_label(c), variant.label, sm) in EXCLUDED for c in kept)
+
+
+def _bf16_split_product(x: torch.Tensor, mask, shift: torch.Tensor) -> torch.Tensor:
+    """float64 value of the split path's three products: y = fp32(x) - shift (kept rows),
+    hi = rn_bf16(y), lo = rn_bf16(y - hi), hi^T hi + hi^T lo + lo^T hi."""
+    y = x.float() if mask is None else x.float()[mask]
+    y = y - shift
+    hi = y.bfloat16().float()
+    lo = (y - hi).bfloat16().float()
+    hi, lo = hi.double(), lo.double()
+    return hi.mT @ hi + hi.mT @ lo + lo.mT @ hi
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "masked"])
+@pytest.mark.parametrize("mark", TRITON_MARKS[:1])
+def test_shifted_16bit_input_takes_the_bf16_split(dtype, masked, mark):
+    """Shifted 16-bit input is multiplied as the bf16 hi/lo split: the kernel equals the split's
+    three products to fp32 accumulation error (the parts are rounded to nearest even, as torch
+    rounds), and the float64 spec to the 16-bit tolerance."""
+    from eva_kernels.testing import assert_close, cov_update_spec
+    if triton_leaf.why_not(torch.device(DEVICE).type) is not None:
+        pytest.skip(triton_leaf.why_not(torch.device(DEVICE).type))
+    g = torch.Generator().manual_seed(5)
+    n, d = 203, 70
+    x = (torch.randn(n, d, generator=g) * 2 + 3).to(dtype)
+    mask = (torch.rand(n, generator=g) > 0.4) if masked else None
+    shift = x[:5].float().mean(0) + 0.01 * torch.randn(d, generator=g)  # not representable in 16 bits
+    cov, colsum = torch.zeros(d, d, device=DEVICE), torch.zeros(d, device=DEVICE)
+    eva_kernels.cov_update(cov, colsum, x.to(DEVICE), mask=None if mask is None else mask.to(DEVICE),
+                           shift=shift.to(DEVICE), backend="triton")
+    upper = torch.triu(torch.ones(d, d, dtype=torch.bool))
+    split = _bf16_split_product(x, mask, shift)
+    assert_close(cov.cpu()[upper], split[upper], rtol=2e-6, atol_scale=2e-7, msg="split products")
+    spec_cov, spec_sum = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    cov_update_spec(spec_cov, spec_sum, x, mask, shift)
+    assert_close(cov.cpu()[upper], spec_cov[upper], rtol=1e-4, atol_scale=1e-5, msg="float64 spec")
+    assert_close(colsum.cpu(), spec_sum, rtol=1e-5, atol_scale=1e-6, msg="column sums (exact fp32 y)")
+    # the split is what ran: it differs from the exact product by more than fp32 rounding
+    assert float((split - spec_cov)[upper].abs().max()) > 0

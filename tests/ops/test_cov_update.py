@@ -19,9 +19,11 @@ from helpers import DEVICE, TRITON_MARKS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |cov - spec| / max|spec| on the upper triangle. Inputs are exact in fp32 after widening, so
-# only the fp32 accumulation error remains, except on Triton GPU tensor cores (tf32x3 for fp32).
-TOL = {"torch": dict.fromkeys(DTYPES.values(), 2e-5), "cpp": dict.fromkeys(DTYPES.values(), 2e-5),
-       "triton": {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 1e-3}}
+# only the fp32 accumulation error remains, except on tensor cores: tf32x3 for fp32, and the bf16
+# split of shifted 16-bit input (SPLIT_PRODUCT_ERROR per product); 1e-4 is the 16-bit contract.
+TOL = {"torch": dict.fromkeys(DTYPES.values(), 2e-5),
+       "cpp": {torch.float32: 2e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4},
+       "triton": {torch.float32: 2e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}}
 
 
 @pytest.fixture(params=[pytest.param("torch"), pytest.param("cpp", marks=pytest.mark.cpp),

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 import eva_kernels
 from eva_kernels import subspace_overlap, topk_eigh
 from eva_kernels.linalg import sym_from_upper
+from eva_kernels.ops.cov_update import SPLIT_PRODUCT_ERROR
 from eva_kernels.testing import cov_update_spec, covariance_spec
 from helpers import TRITON_MARKS
 
@@ -315,7 +316,10 @@ def _check_cov_update(backend: str, case: CovCase) -> None:
     tiny = k_terms * torch.finfo(torch.float32).tiny
     up = torch.triu(torch.ones(d, d, dtype=torch.bool))
     err = (cov.double() - ref_cov).abs()
-    tol = 2 * k_terms * U[torch.float32] * abs_cov + tiny
+    # the triton kernel multiplies shifted 16-bit rows as a bf16 split: a bounded error per product
+    split = backend == "triton" and shift is not None and DTYPES[case.dtype] != torch.float32
+    product_u = 1.01 * SPLIT_PRODUCT_ERROR if split else 0.0
+    tol = (2 * k_terms * U[torch.float32] + product_u) * abs_cov + tiny
     bad = up & ~(err <= tol)                            # NaN counts as bad
     if bad.any():
         i, j = bad.nonzero()[0].tolist()
@@ -404,10 +408,13 @@ def _check_centring(backend: str, case: CentringCase) -> None:
     norm = torch.linalg.matrix_norm(spec).item()
     _note(f"|offset| max {offsets.abs().max().item():.3g}, spread min {spread.min().item():.3g}, "
          f"|C| {norm:.3g}, sum|y|^2 {budget:.3g}, err {err:.3g}")
-    assert err <= 4 * k_terms * U[torch.float32] * budget + 1e-30, \
-        f"centred scatter off by {err:.3g}; bound {4 * k_terms * U[torch.float32] * budget:.3g}"
+    # shifted 16-bit rows go through the triton kernel's bf16 split: a bounded error per product
+    split = backend == "triton" and dtype != torch.float32
+    split_err = (1.01 * SPLIT_PRODUCT_ERROR if split else 0.0) * budget
+    bound = 4 * k_terms * U[torch.float32] * budget + split_err
+    assert err <= bound + 1e-30, f"centred scatter off by {err:.3g}; bound {bound:.3g}"
     if norm > 0:
-        assert err <= 8 * k_terms * U[torch.float32] * math.sqrt(d) * norm, \
+        assert err <= 8 * k_terms * U[torch.float32] * math.sqrt(d) * norm + split_err, \
             f"centred scatter relative error {err / norm:.3g}"
 
 

@@ -9,7 +9,8 @@ fails (exit code 1) when
 
 * a ``@triton.jit`` function of the backend has no ``Launch`` (a new kernel must say how it is
   launched, or why it never is);
-* a case does not compile, spills registers, or needs more shared memory than the target has
+* a case does not compile, lacks the tensor-core instructions its variant is meant to use
+  (``Variant.mma``), spills registers, or needs more shared memory than the target has
   (sm_80: 163 KiB, sm_90: 227 KiB per block), unless it is listed in ``launches.EXCLUDED`` with
   its reason (the autotuners prune those at run time).
 
@@ -44,11 +45,14 @@ class Report(NamedTuple):
     smem: Optional[int]
     seconds: float
     error: Optional[str]
+    missing_mma: Optional[str] = None  # expected tensor-core operand type absent from the PTX
 
     def problem(self) -> Optional[str]:
         """Why this case fails the check (None when it passes)."""
         if self.error:
             return f"does not compile: {self.error}"
+        if self.missing_mma:
+            return f"no {self.missing_mma} tensor-core instruction (mma.sync / wgmma) in the PTX"
         if self.spill_bytes:
             return f"spills {self.spill_bytes} B"
         if self.smem is not None and self.smem > SMEM_LIMIT[self.sm]:
@@ -83,6 +87,11 @@ def _resources(ptx: str, sm: int) -> Tuple[int, int]:
     return regs, spills
 
 
+def _has_mma(ptx: str, operand: str) -> bool:
+    """Whether ``ptx`` multiplies ``operand``-typed tiles on tensor cores (mma.sync or wgmma)."""
+    return re.search(rf"\b(?:mma\.sync|wgmma\.mma_async)[.\w]*\.{operand}\.{operand}\b", ptx) is not None
+
+
 def _compile_case(args) -> Report:
     """Worker: compile one (launch, variant, config, sm) case and measure it."""
     li, vi, ci, sm = args
@@ -104,13 +113,15 @@ def _compile_case(args) -> Report:
         compiled = triton.compile(ASTSource(launch.kernel, full_sig, constexprs, attrs),
                                   target=GPUTarget("cuda", sm, 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        regs, spills = _resources(compiled.asm["ptx"], sm)
+        ptx = compiled.asm["ptx"]
+        regs, spills = _resources(ptx, sm)
         smem, error = int(compiled.metadata.shared), None
+        missing = variant.mma if variant.mma and not _has_mma(ptx, variant.mma) else None
     except Exception as exc:  # noqa: BLE001 - reported as this case's failure
-        regs = spills = smem = None
+        regs = spills = smem = missing = None
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return Report(launch.name, variant.label, config_label(cfg), sm, regs, spills, smem,
-                  time.perf_counter() - t0, error)
+                  time.perf_counter() - t0, error, missing)
 
 
 def _jit_functions() -> Dict[str, object]:

@@ -42,6 +42,11 @@ FP32_DOT_PRECISION: str = os.environ.get("EVA_TRITON_FP32_DOT", "ieee" if INTERP
 if FP32_DOT_PRECISION not in ("ieee", "tf32", "tf32x3"):
     raise ValueError(f"EVA_TRITON_FP32_DOT={FP32_DOT_PRECISION!r}: choose ieee, tf32 or tf32x3")
 
+#: Shifted 16-bit input is multiplied as a bf16 hi/lo split (see ``cov_update_kernel``): on the
+#: GPU the parts go to bf16 tensor cores; the interpreter multiplies the same parts as fp32
+#: (exact products too), because its bf16 ``tl.dot`` is wrong.
+SPLIT_NATIVE: bool = not INTERPRET
+
 
 def why_not(device_type: str) -> Optional[str]:
     """``None`` when the Triton kernels can run on tensors of ``device_type``, else why not."""

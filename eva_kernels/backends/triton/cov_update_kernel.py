@@ -22,10 +22,27 @@ Kernel layout
   per operand per step; masked rows and out-of-range rows/columns are masked *loads* with
   ``other=0``, so NaN/Inf in dropped rows never reach the arithmetic and no gathered copy of
   ``x`` is made.
-* Precision: bf16/fp16 input without shift goes to the tensor cores as is (products are exact
-  in fp32, accumulation in fp32). fp32 input, or any input with a shift, is widened to fp32,
-  shifted (masked rows forced to exactly 0) and multiplied with ``FP32_DOT_PRECISION``
-  (``tf32x3`` on GPU: fp32-level accuracy on tensor cores; ``ieee`` in the interpreter).
+* Precision, three paths (constexprs ``LOWP_DOT`` / ``SPLIT_DOT``):
+
+  - bf16/fp16 input without shift (``LOWP_DOT``): to the tensor cores as is (products of 16-bit
+    values are exact in fp32, accumulation in fp32).
+  - bf16/fp16 input with a shift (``SPLIT_DOT``, the engine's case): ``y = float32(x) - shift``
+    is exact in fp32 but not representable in 16 bits, so it is split into two bf16 parts,
+    ``hi = rn_bf16(y)`` and ``lo = rn_bf16(y - hi)`` (``|y - hi - lo| <= 2^-17 |y|``), and
+    ``y_a^T y_b ~= hi_a^T hi_b + hi_a^T lo_b + lo_a^T hi_b``: three bf16 tensor-core products
+    with fp32 accumulation (the dropped ``lo_a^T lo_b`` is ``<= 2^-18`` of each product). bf16,
+    not fp16, because ``lo`` needs fp32's exponent range. Relative error of the tile against the
+    float64 spec: 5e-6 to 8.5e-6 (max entry error / max entry, bf16 rows at d = 1024 and 4096,
+    n = 8192 and 2048, Gaussian with offsets and Student-t; the dropped ``lo_a lo_b`` makes it a
+    small bias on the diagonal), within the 1e-4 tolerance of 16-bit inputs; on a GPU the
+    ``rel_err`` columns of ``bench_cov_update --shift mean`` measure it. The rounding is done on
+    the fp32 bits (round to nearest even), so the interpreter, which multiplies the parts as fp32
+    (``SPLIT_NATIVE=False``: its bf16 ``tl.dot`` is wrong), computes the very same products as
+    the GPU's bf16 MMAs. The CUDA C++ kernel uses the same split (csrc/cuda).
+  - fp32 input: widened, shifted and multiplied with ``FP32_DOT_PRECISION`` (``tf32x3`` on GPU:
+    fp32-level accuracy on tensor cores; ``ieee`` in the interpreter).
+
+  Masked rows and columns past ``d`` are exactly 0 in every path.
 * Fusion: the diagonal-tile programs also reduce their column panel into ``colsum``; the
   program of tile (0, 0) counts the kept rows of its n-chunk into ``count``. One pass over x.
 
@@ -43,7 +60,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import FP32_DOT_PRECISION, INTERPRET, num_sms, pow2_bucket
+from .config import FP32_DOT_PRECISION, INTERPRET, SPLIT_NATIVE, num_sms, pow2_bucket
 
 #: The configs autotuning may pick on a GPU. Each is compiled for sm_80 and sm_90 by the compile
 #: check (:mod:`.compile_check`): on sm_90 none spills; on sm_80 the fp32 (tf32x3) variants spill
@@ -90,14 +107,52 @@ def _prune(configs, named_args, **kwargs):
     return prune_configs("_cov_update_kernel", configs, variant, torch.cuda.get_device_capability(x.device)[0])
 
 
-@triton.autotune(configs=_CONFIGS, key=["d", "N_BUCKET", "HAS_MASK", "HAS_SHIFT", "LOWP_DOT"],
+@triton.jit
+def _round_to_bf16(y):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32 (finite inputs).
+
+    Rounds on the bits (add ``0x7FFF + lsb`` of the kept half, clear the low 16 bits), so the
+    result is the same on the GPU and in the interpreter (whose ``.to(tl.bfloat16)``
+    truncates), and converting it to bf16 afterwards is exact.
+    """
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_dot(ya, yb, acc, SPLIT_NATIVE: tl.constexpr):
+    """``acc + ya^T yb`` by the bf16 split (module docstring): three tensor-core products.
+
+    ya (BLOCK_K, BLOCK), yb (BLOCK_K, BLOCK) fp32; acc (BLOCK, BLOCK) fp32.
+    """
+    ha = _round_to_bf16(ya)
+    hb = _round_to_bf16(yb)
+    la = _round_to_bf16(ya - ha)
+    lb = _round_to_bf16(yb - hb)
+    if SPLIT_NATIVE:
+        ha = ha.to(tl.bfloat16)
+        hb = hb.to(tl.bfloat16)
+        la = la.to(tl.bfloat16)
+        lb = lb.to(tl.bfloat16)
+        acc = tl.dot(tl.trans(la), hb, acc)
+        acc = tl.dot(tl.trans(ha), lb, acc)
+        acc = tl.dot(tl.trans(ha), hb, acc)
+    else:
+        acc = tl.dot(tl.trans(la), hb, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(ha), lb, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(ha), hb, acc, input_precision="ieee")
+    return acc
+
+
+@triton.autotune(configs=_CONFIGS, key=["d", "N_BUCKET", "HAS_MASK", "HAS_SHIFT", "LOWP_DOT", "SPLIT_DOT"],
                  restore_value=["cov_ptr", "colsum_ptr", "count_ptr"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_ptr,
                        n, d, stride_xn, stride_xd,
                        N_BUCKET, SMS,
                        HAS_MASK: tl.constexpr, HAS_SHIFT: tl.constexpr, LOWP_DOT: tl.constexpr,
-                       FP32_PRECISION: tl.constexpr,
+                       SPLIT_DOT: tl.constexpr, SPLIT_NATIVE: tl.constexpr, FP32_PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -150,7 +205,10 @@ def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_pt
             if HAS_SHIFT:
                 ya = tl.where(ok_a, ya - shift_a[None, :], 0.0)
                 yb = tl.where(ok_b, yb - shift_b[None, :], 0.0)
-            acc = tl.dot(tl.trans(ya), yb, acc, input_precision=FP32_PRECISION)
+            if SPLIT_DOT:
+                acc = _split_dot(ya, yb, acc, SPLIT_NATIVE)
+            else:
+                acc = tl.dot(tl.trans(ya), yb, acc, input_precision=FP32_PRECISION)
         if is_diag:
             csum += tl.sum(yb, axis=0)
 
@@ -197,13 +255,14 @@ def cov_update_triton(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Ten
     # bf16 takes the (exact) widen-to-fp32 path; compiled kernels use bf16 tensor cores.
     lowp_dtypes = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
     lowp = x.dtype in lowp_dtypes and shift is None
+    split = x.dtype in (torch.float16, torch.bfloat16) and shift is not None
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _cov_update_kernel[_grid](
             x, mask_arg, shift_arg, cov, colsum, count,
             n, d, x.stride(0), x.stride(1),
             pow2_bucket(n), num_sms(x.device),
             HAS_MASK=mask is not None, HAS_SHIFT=shift is not None, LOWP_DOT=lowp,
-            FP32_PRECISION=FP32_DOT_PRECISION,
+            SPLIT_DOT=split, SPLIT_NATIVE=SPLIT_NATIVE, FP32_PRECISION=FP32_DOT_PRECISION,
         )
     return count
 

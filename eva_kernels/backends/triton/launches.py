@@ -28,11 +28,18 @@ _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfl
 
 @dataclass(frozen=True)
 class Variant:
-    """One specialisation: pointer-type overrides and constexpr values."""
+    """One specialisation: pointer-type overrides and constexpr values.
+
+    ``mma``: the operand type (PTX spelling: ``bf16``, ``f16``, ``tf32``) of the tensor-core
+    instructions (``mma.sync`` on sm_80, ``wgmma`` on sm_90) the compiled kernel must contain;
+    the compile check fails a case without them (a path meant for tensor cores that fell back
+    to FMAs). ``None``: not checked.
+    """
 
     label: str
     types: Dict[str, str]
     constexprs: Dict[str, Any]
+    mma: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -57,15 +64,18 @@ def config_label(cfg: triton.Config) -> str:
 
 
 def _cov_update_variants() -> Tuple[Variant, ...]:
-    """Each input dtype with and without a shift (the two arithmetic paths), with a mask: the
-    unmasked kernel is the same minus one load per row, so it is compiled under the masked label."""
+    """Each input dtype with and without a shift (the three arithmetic paths: 16-bit as is,
+    16-bit shifted as a bf16 split, fp32 as tf32x3), with a mask: the unmasked kernel is the same
+    minus one load per row, so it is compiled under the masked label."""
     out = []
     for dtype in ("fp32", "fp16", "bf16"):
         for shift in (False, True):
             lowp = dtype != "fp32" and not shift
+            split = dtype != "fp32" and shift
+            mma = "tf32" if dtype == "fp32" else ("bf16" if split else {"fp16": "f16", "bf16": "bf16"}[dtype])
             out.append(Variant(f"{dtype}{'-shift' if shift else ''}", {"x_ptr": f"*{dtype}"},
-                               dict(HAS_MASK=True, HAS_SHIFT=shift, LOWP_DOT=lowp,
-                                    FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION)))
+                               dict(HAS_MASK=True, HAS_SHIFT=shift, LOWP_DOT=lowp, SPLIT_DOT=split, SPLIT_NATIVE=True,
+                                    FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION), mma=mma))
     return tuple(out)
 
 
@@ -90,7 +100,7 @@ LAUNCHES: List[Launch] = [
                        stride_am="i32", stride_ak="i32", stride_qk="i32", stride_qn="i32", stride_ym="i32",
                        stride_yn="i32"),
         variants=tuple(Variant("fp32" + ("-centred" if c else ""), {},
-                               dict(HAS_C=c, FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION))
+                               dict(HAS_C=c, FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION), mma="tf32")
                        for c in (False, True)),
         configs=tuple(_eig.GPU_OP_CONFIGS),
     ),
@@ -100,6 +110,9 @@ LAUNCHES: List[Launch] = [
         variants=tuple(Variant(t, {"src_ptr": f"*{t}", "dst_ptr": f"*{t}"}, {}) for t in ("fp32", "fp64")),
         configs=(triton.Config({"BLOCK": _eig.MIRROR_BLOCK}, num_warps=_eig.MIRROR_WARPS, num_stages=3),),
     ),
+    *(Launch(kernel=helper, signature={}, variants=(), configs=(),
+             never_launched="a device function inlined into _cov_update_kernel (compiled with it)")
+      for helper in (_cov._round_to_bf16, _cov._split_dot)),
     Launch(
         kernel=_jit(_config_module._probe),
         signature=dict(x_ptr="*i32"),

@@ -1,0 +1,3 @@
+// Fake CUDA header: see cuda_emu.h.
+#pragma once
+#include "cuda_emu.h"
