@@ -50,14 +50,15 @@ def orthonormalization_for(device_type: str, method: str = "auto") -> str:
 
 
 def orthonormalize(y: Tensor, method: str = "auto") -> Tensor:
-    """Orthonormal basis (d, b) of the columns of ``y`` (d, b), in ``y``'s dtype.
+    """Orthonormal basis (d, b) of the columns of ``y`` (d, b), in ``y``'s dtype; a batch
+    ``(..., d, b)`` is orthonormalised matrix by matrix (one batched call).
 
     ``householder``: ``torch.linalg.qr``; backward stable even for nearly dependent columns
     (subspace iteration makes them so: their norms scale like the eigenvalues).
     ``cholesky_qr3``: see :func:`cholesky_qr3`. Blocks wider than tall always use Householder.
     """
     method = orthonormalization_for(y.device.type, method)
-    if method == "householder" or y.dim() != 2 or y.shape[1] == 0 or y.shape[0] < y.shape[1]:
+    if method == "householder" or y.shape[-1] == 0 or y.shape[-2] < y.shape[-1]:
         q, _ = torch.linalg.qr(y, mode="reduced")
         return q
     return cholesky_qr3(y)
@@ -84,8 +85,8 @@ def _omega(d: int, b: int, device: torch.device) -> Tensor:
 
 def _cholqr_step(w: Tensor, shift: Optional[Tensor] = None) -> Tensor:
     g = w.mT @ w
-    if shift is not None:
-        g = g + torch.diag_embed(shift.expand(g.shape[-1]))
+    if shift is not None:  # shift: (...,) one per matrix of the batch
+        g = g + shift[..., None, None] * torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
     low, _ = torch.linalg.cholesky_ex(g)
     # w <- w R^{-1} with R = low^T (upper): solve X R = w
     return torch.linalg.solve_triangular(low.mT, w, upper=True, left=False)
@@ -93,6 +94,7 @@ def _cholqr_step(w: Tensor, shift: Optional[Tensor] = None) -> Tensor:
 
 def cholesky_qr3(y: Tensor) -> Tensor:
     """Orthonormal basis of ``y`` (d, b), d >= b: shifted CholeskyQR3 in float64, no host sync.
+    A batch ``(..., d, b)`` is done matrix by matrix in the same calls (shift per matrix).
 
     1. columns scaled to unit norm (span unchanged; removes the column-scale part of the
        condition number, e.g. subspace-iteration blocks whose norms follow the eigenvalues);
@@ -103,12 +105,12 @@ def cholesky_qr3(y: Tensor) -> Tensor:
        al., 2020: succeeds for condition numbers up to ~1/u), then two plain Cholesky-QR passes
        (CholeskyQR2) that restore orthogonality to ~u. ``cholesky_ex`` never checks ``info``.
     """
-    d, b = y.shape
+    d, b = y.shape[-2:]
     w = y.to(torch.float64)
-    w = w / w.norm(dim=0).clamp_min(1e-300)
+    w = w / w.norm(dim=-2, keepdim=True).clamp_min(1e-300)
     w = w + _PERTURB * _omega(d, b, y.device)
     u = torch.finfo(torch.float64).eps / 2
-    fro2 = (w * w).sum()
+    fro2 = (w * w).sum(dim=(-2, -1))
     shift = (11.0 * (d * b + b * (b + 1)) * u) * fro2
     w = _cholqr_step(w, shift)
     w = _cholqr_step(w)

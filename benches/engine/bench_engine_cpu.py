@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of the fast runs (median)")
     p.add_argument("--backend", default=None, help="eva_kernels backend (default: auto)")
     p.add_argument("--check-every", type=int, default=1, help="EVA option check_every: batches between solves")
+    p.add_argument("--no-batch-solves", action="store_true",
+                   help="EVA option batch_solves=False: one solve per group (default: batched by shape)")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--peft-max-steps", type=int, default=None, help="cap on PEFT's forward passes (default: none)")
     p.add_argument("--no-overlap", action="store_true")
@@ -67,11 +69,11 @@ def build(batches: int, batch_size: int, max_length: int):
     return model, loader
 
 
-def overlaps_ours(model, loader, cfg, backend, check_every=1):
+def overlaps_ours(model, loader, cfg, backend, **options):
     """Per-layer overlap of our components with the exact PCA of the tokens each consumed."""
     from eva.testing import TokenRecorder, overlaps_with_exact
     recorder = TokenRecorder()
-    sd, _ = run_eva(model, loader, cfg, backend, observers=[recorder], check_every=check_every)
+    sd, _ = run_eva(model, loader, cfg, backend, observers=[recorder], **options)
     return overlaps_with_exact(sd, recorder)
 
 
@@ -134,9 +136,10 @@ def main(argv=None):
     cfg = lora_eva_config(TARGETS, args.r, args.rho, args.tau)
     timer = harness.Timer("cpu")
     forward_seconds(timer, model, loader, 3, 1)  # warm-up
-    run_eva(model, loader[:4], cfg, args.backend, check_every=args.check_every)
+    options = dict(check_every=args.check_every, batch_solves=not args.no_batch_solves)
+    run_eva(model, loader[:4], cfg, args.backend, **options)
 
-    ours_runs = [timer.run(lambda: run_eva(model, loader, cfg, args.backend, check_every=args.check_every))
+    ours_runs = [timer.run(lambda: run_eva(model, loader, cfg, args.backend, **options))
                  for _ in range(args.repeats)]
     ours_t = statistics.median(wall for _, wall, _ in ours_runs)
     sd = ours_runs[0][0][0]
@@ -158,7 +161,7 @@ def main(argv=None):
         if prun.sd is not None:
             result["peft_ranks"] = {k: int(v.shape[0]) for k, v in prun.sd.items()}
     if not args.no_overlap:
-        result["overlap_ours"] = overlaps_ours(model, loader, cfg, args.backend, args.check_every)
+        result["overlap_ours"] = overlaps_ours(model, loader, cfg, args.backend, **options)
         summarize(rows[1], result["overlap_ours"])
         if not args.no_peft and "peft_ranks" in result:
             result["overlap_peft"] = overlaps_peft(model, loader, cfg, args.peft_max_steps)

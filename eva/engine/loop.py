@@ -104,7 +104,7 @@ class Engine:
         backend = topk_eigh_backend(self.opts.backend, device)
         method = eva_kernels.orthonormalization_for(device.type, self.opts.orthonormalization)
         self.state.orthonormalization = method
-        return Solver(self.opts, backend, method, self.state.distributed)
+        return Solver(self.opts, backend, method, self.state.distributed, device.type)
 
     def _update_convergence(self) -> None:
         """Re-allocate ranks from the latest ratios; (un)hook groups by what they now need.
@@ -153,8 +153,8 @@ class Engine:
         state = self.state
         ts = time.perf_counter()
         due = [g for g in state.groups if g.hooks.unsolved]
+        self.solver.solve_all(due, state.step - 1)
         for g in due:
-            self.solver.solve(g, state.step - 1)
             g.estimate.solves += 1
             g.hooks.unsolved = False
         self.solver.sync(due, state.step - 1)
@@ -223,6 +223,8 @@ class Engine:
         out = {"cov_update": ",".join(names)}
         if self.solver is not None:
             out["topk_eigh"] = self.solver.backend.name
+            if self.solver.batched:
+                out["topk_eigh_batched"] = "torch"  # streaming solves of groups sharing a shape
         return out
 
     def _progress(self, total) -> Optional[ProgressBar]:

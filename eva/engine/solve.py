@@ -1,6 +1,10 @@
 """Per-group eigen-estimates: one warm-started solve per group per step, one host sync per step.
 
-:meth:`Solver.solve` leaves device tensors in ``group.estimate.pending`` (eigenvalues, the
+:meth:`Solver.solve_all` solves the groups due at a step: groups of the same width, rank,
+dtype, device and mode together in batched calls (``EvaOptions.batch_solves``, default:
+:func:`eva_kernels.topk_eigh_batched` plus batched bookkeeping, so the launches per step grow
+with the number of distinct widths, not of layers), a group alone per :meth:`Solver.solve`.
+Either leaves device tensors in ``group.estimate.pending`` (eigenvalues, the
 variance terms of :mod:`eva.engine.variance_floor`, token count, a finiteness flag, cosines with
 the previous estimate); :meth:`Solver.sync` brings all of them to the host in one transfer per
 device and raises if a group saw NaN/Inf. Explained variance ratios are formed on the host by
@@ -19,6 +23,7 @@ from .. import distributed as dist_utils
 from ..config import EvaOptions
 from ..errors import EvaError
 from .state import GroupState
+from .statistics import variance_terms_batched
 
 
 def _nan_error(members, step: int) -> EvaError:
@@ -32,6 +37,11 @@ def _finite(cov: Tensor, colsum: Tensor) -> Tensor:
     return torch.isfinite(colsum).all() & torch.isfinite(torch.diagonal(cov)).all()
 
 
+def batched_solves(option, device_type: str) -> bool:
+    """``EvaOptions.batch_solves`` resolved for statistics on ``device_type``."""
+    return device_type != "cpu" if option == "auto" else bool(option)
+
+
 class Solver:
     """Runs the solves of one run with the options and the backend resolved for it.
 
@@ -40,14 +50,72 @@ class Solver:
         backend: the resolved :class:`eva_kernels.Backend` of ``topk_eigh``.
         orthonormalization: the algorithm between products (``eva_kernels.ORTHONORMALIZATIONS``).
         distributed: sum each statistic over the ranks before solving.
+        device_type: where the statistics live (``batch_solves="auto"`` batches on GPUs only).
     """
 
     def __init__(self, opts: EvaOptions, backend: eva_kernels.Backend, orthonormalization: str,
-                 distributed: bool):
+                 distributed: bool, device_type: str = "cpu"):
         self.opts = opts
         self.backend = backend
         self.orthonormalization = orthonormalization
         self.distributed = distributed
+        #: whether streaming solves of groups sharing a shape go through ``topk_eigh_batched``
+        self.batched = batched_solves(opts.batch_solves, device_type) and not distributed
+
+    def solve_all(self, groups: List[GroupState], step: int) -> None:
+        """Streaming solves of ``groups`` at ``step`` (batched where several share a shape)."""
+        if not self.batched:
+            for g in groups:
+                self.solve(g, step)
+            return
+        buckets: Dict[tuple, List[GroupState]] = {}
+        for g in groups:
+            cov = g.stats.cov
+            buckets.setdefault((cov.device, cov.dtype, cov.shape[0], g.max_components, g.stats.centered), []).append(g)
+        for members in buckets.values():
+            if len(members) == 1:
+                self.solve(members[0], step)
+                continue
+            try:
+                self._solve_batch(members, step)
+            except RuntimeError as exc:
+                for g in members:
+                    if not bool(_finite(g.stats.cov, g.stats.colsum)):
+                        raise _nan_error(g.members, step) from exc
+                raise
+
+    def _solve_batch(self, groups: List[GroupState], step: int) -> None:
+        opts = self.opts
+        stats = [g.stats for g in groups]
+        centred = stats[0].centered
+        res = eva_kernels.topk_eigh_batched(
+            [s.cov for s in stats], groups[0].max_components,
+            colsums=[s.colsum for s in stats] if centred else None, counts=[s.count for s in stats] if centred else None,
+            inits=[g.estimate.basis for g in groups], oversample=opts.oversample, iters=opts.iters,
+            seed=opts.seed + step, orthonormalization=self.orthonormalization, max_batch_bytes=opts.solve_batch_bytes)
+        diag = torch.stack([torch.diagonal(s.cov) for s in stats])
+        colsum = torch.stack([s.colsum for s in stats])
+        count = torch.stack([s.count for s in stats])
+        shifts = [s.shift for s in stats]
+        shift = torch.stack(shifts) if centred and all(x is not None for x in shifts) else None
+        var = variance_terms_batched(centred, diag, colsum, count, shift)
+        finite = (torch.isfinite(colsum).all(-1) & torch.isfinite(diag).all(-1)).to(torch.float64)
+        eig = torch.stack([r.eigenvalues for r in res]).to(torch.float64)
+        vecs = torch.stack([r.eigenvectors for r in res])
+        prev = [g.estimate.components for g in groups]
+        cos = (eva_kernels.component_cosines(torch.stack(prev), vecs).to(torch.float64)
+               if all(p is not None for p in prev) else None)
+        counts64 = count.to(torch.float64)
+        for i, (g, r) in enumerate(zip(groups, res)):
+            est = g.estimate
+            est.pending = {"eig": eig[i], "var": var[i], "count": counts64[i].reshape(1), "finite": finite[i].reshape(1)}
+            if cos is not None:
+                est.pending["cos"] = cos[i]
+            elif est.components is not None:
+                est.pending["cos"] = eva_kernels.component_cosines(est.components, r.eigenvectors).to(torch.float64)
+            est.basis = r.basis
+            est.components = r.eigenvectors
+            est.eigenvalues = r.eigenvalues
 
     def solve(self, group: GroupState, step: int, final: bool = False) -> None:
         """Re-estimate ``group``'s top ``max_components`` eigenpairs (no host sync on the normal path).

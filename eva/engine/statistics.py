@@ -82,14 +82,25 @@ class RunningStats:
         ``R = S + 2 s . colsum + n ||s||^2 = sum ||x_i||^2`` the raw energy of the tokens.
         ``cov``/``colsum``/``count`` may be the rank-summed ones of a distributed run.
         """
-        acc = torch.diagonal(cov).to(torch.float64).sum()
-        if not self.centered:
-            return torch.stack([acc, acc, acc])
-        c = colsum.to(torch.float64)
-        n = count.to(torch.float64)
-        total = acc - (c @ c) / n.clamp_min(1)
-        raw = acc
-        if self.shift is not None:
-            s = self.shift.to(torch.float64)
-            raw = acc + 2 * (s @ c) + n * (s @ s)
-        return torch.stack([total, acc, raw])
+        return variance_terms_batched(self.centered, torch.diagonal(cov)[None], colsum[None], count.reshape(1),
+                                      None if self.shift is None else self.shift[None])[0]
+
+
+def variance_terms_batched(centered: bool, diag: Tensor, colsum: Tensor, count: Tensor,
+                           shift: Optional[Tensor]) -> Tensor:
+    """(G, 3) float64 ``[V, S, R]`` of G groups of one mode and width in one set of launches.
+
+    diag (G, d): the diagonals of the groups' ``cov``; colsum (G, d); count (G,); shift (G, d)
+    or None (uncentred, or no shift). The math is :meth:`RunningStats.variance_terms`'.
+    """
+    acc = diag.to(torch.float64).sum(-1)
+    if not centered:
+        return torch.stack([acc, acc, acc], dim=-1)
+    c = colsum.to(torch.float64)
+    n = count.to(torch.float64)
+    total = acc - (c * c).sum(-1) / n.clamp_min(1)
+    raw = acc
+    if shift is not None:
+        sh = shift.to(torch.float64)
+        raw = acc + 2 * (sh * c).sum(-1) + n * (sh * sh).sum(-1)
+    return torch.stack([total, acc, raw], dim=-1)
