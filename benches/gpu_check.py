@@ -13,7 +13,7 @@ Steps, each with its own time limit (and never beyond what is left of the budget
    (16-bit: the bf16-split tensor-core path), with the bf16 GEMM peak measured in the same run.
 3. ``bench_topk_eigh``: the eigensolver's products and orthonormalisation per backend.
 4. ``bench_engine_gpu``: EVA against the forward passes alone (and PEFT's EVA) on a random-weight
-   Llama.
+   Llama, with batched and with per-group solves.
 
 Each bench writes ``benches/results/<bench>_<gpu>.json``; this script writes
 ``benches/results/gpu_check_<gpu>.json`` (every step: command, status, seconds, the end of its
@@ -53,7 +53,7 @@ def steps(dry_run: bool) -> List[Step]:
                                   *sizes, *dry], 160, False),
         Step("bench_topk_eigh", [py, "-m", "benches.ops.bench_topk_eigh", *dry], 50, False),
         Step("bench_engine_gpu", [py, "-m", "benches.engine.bench_engine_gpu", "--model", "small", "--with-peft",
-                                  *dry], 130, False),
+                                  "--batch-solves", "on,off", *dry], 130, False),
     ]
 
 

@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--with-peft", action="store_true", help="also time PEFT's get_eva_state_dict (slow)")
     p.add_argument("--peft-max-steps", type=int, default=40, help="cap on PEFT's forward passes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-solves", default="auto",
+                   help="comma list of EVA batch_solves settings to run per backend: auto (batched on "
+                        "GPUs), on, off (one solve per group); e.g. on,off to compare")
     return p.parse_args(argv)
 
 
@@ -113,16 +116,22 @@ def rates(timer, model, batches, steps, eva_s, args):
             "tok/s": tokens / eva_s, "fwd_tok/s": tokens / fwd_s if fwd_s > 0 else None, "tokens": tokens}
 
 
-def bench_backend(timer, model, batches, cfg, backend, args, dev):
-    run_eva(model, batches, cfg, backend, max_steps=2)  # warm-up: JIT, autotune, lazy init
+BATCH_SOLVES = {"auto": "auto", "on": True, "off": False}
+
+
+def bench_backend(timer, model, batches, cfg, backend, args, dev, batch_solves="auto"):
+    opts = {"batch_solves": BATCH_SOLVES[batch_solves]}
+    run_eva(model, batches, cfg, backend, max_steps=2, **opts)  # warm-up: JIT, autotune, lazy init
     if dev == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    (sd, unconverged), eva_s, _ = timer.run(lambda: run_eva(model, batches, cfg, backend, on_unconverged="warn"))
+    (sd, unconverged), eva_s, _ = timer.run(lambda: run_eva(model, batches, cfg, backend, on_unconverged="warn",
+                                                            **opts))
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     meta = sd.metadata["run"]
     steps = meta["steps"]
-    row = {"method": "eva", "backend": backend, "cov_backend": meta["backend"], "stop": meta["stop_reason"]}
+    row = {"method": "eva", "backend": backend, "cov_backend": meta["backend"], "stop": meta["stop_reason"],
+           "batch_solves": batch_solves, "batched": "topk_eigh_batched" in meta["backends"]}
     row.update(rates(timer, model, batches, steps, eva_s, args))
     layers = sd.metadata["layers"].values()
     solve_s = meta["seconds"] - meta["forward_seconds"]  # "seconds" is the batch loop (polish excluded)
@@ -182,9 +191,14 @@ def main(argv=None):
           f"params {dtype} on {harness.device_name(dev)}; {args.batches} batches of {args.batch_size}x{args.seq}; "
           f"r={args.r} rho={args.rho} tau={args.tau}; backends {backends}", flush=True)
     rows, failed = [], []
+    settings = args.batch_solves.split(",")
+    if not set(settings) <= set(BATCH_SOLVES):
+        raise SystemExit(f"{SCRIPT}: --batch-solves takes auto, on, off; got {args.batch_solves!r}")
     for backend in backends:
-        print(f"  eva backend={backend} ...", flush=True)
-        attempt(rows, failed, backend, "eva", lambda: bench_backend(timer, model, batches, cfg, backend, args, dev))
+        for bs in settings:
+            print(f"  eva backend={backend} batch_solves={bs} ...", flush=True)
+            attempt(rows, failed, backend, "eva",
+                    lambda: bench_backend(timer, model, batches, cfg, backend, args, dev, bs))
     if args.with_peft:
         print("  peft get_eva_state_dict ...", flush=True)
         attempt(rows, failed, "peft", "peft", lambda: bench_peft(timer, model, batches, cfg, args))
@@ -201,7 +215,7 @@ def main(argv=None):
               "tau": args.tau, "goal_overhead": GOAL, "dry_run": args.dry_run, "quick": args.quick,
               "peft_max_steps": args.peft_max_steps if args.with_peft else None}
     out = args.out or harness.default_out("engine_gpu", dev, partial=args.quick or args.dry_run)
-    cols = ["method", "backend", "cov_backend", "steps", "stop", "tokens", "eva_s", "fwd_s", "overhead",
+    cols = ["method", "backend", "cov_backend", "batch_solves", "steps", "stop", "tokens", "eva_s", "fwd_s", "overhead",
             "goal_met", "tok/s", "fwd_tok/s", "fwd_ms/step", "solve_ms/step", "polish_s", "converged",
             "peak_gib", "error"]
     table = [dict(r, error=(r["error"][:60] + "...") if len(r.get("error") or "") > 60 else r.get("error"))

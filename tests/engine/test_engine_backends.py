@@ -117,3 +117,20 @@ def test_triton_backend_matches_exact_and_torch(micro_llama):
     ref, seen = run(micro_llama, batches, cfg, backend="torch")
     check_against_exact(ref, seen)
     assert_matches(sd, ref)
+
+
+@needs_interpreted_triton
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:EVA stopped")
+def test_triton_bf16_model_takes_the_split_and_matches_exact(micro_llama):
+    """A bf16 model: every statistic update is shifted 16-bit input, i.e. the bf16-split tensor-core
+    path of the Triton kernel; the components still match the exact PCA of the consumed tokens."""
+    import copy
+
+    import torch
+    model = copy.deepcopy(micro_llama).to(torch.bfloat16)
+    batches = random_token_batches(model.config.vocab_size, 2, batch=3, seq=9, seed=4)
+    sd, seen = run(model, batches, lora_config(LLAMA_TARGETS, r=3), backend="triton")
+    assert sd.metadata["run"]["backend"] == "triton"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # so every layer input is bf16
+    check_against_exact(sd, seen, min_overlap=0.999)
