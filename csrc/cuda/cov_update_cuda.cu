@@ -213,6 +213,26 @@ __device__ __forceinline__ void shift_step(const Slot& s, bool kept, const float
   }
 }
 
+// The pipelined main loop of every kernel (register-staged double buffering, see the top of the
+// file): per step, stage(buf, ya, yb) stores the step's shifted values (fp32, ya for the A panel,
+// yb for B) into shared buffer `buf`; after the step's one barrier the next step's global loads
+// are issued into registers, then compute(buf) multiplies buffer `buf` while they are in flight.
+template <bool HAS_SHIFT, typename T, typename Stage, typename Compute>
+__device__ __forceinline__ void pipelined_steps(const Args& a, const T* x, const Slot& s, const float* s_shift,
+                                                float csum8[VEC], Stage stage, Compute compute) {
+  Seg<T> seg_a, seg_b;
+  int buf = 0;
+  bool kept = s.r_begin < s.r_end && load_step(a, x, s, s.r_begin, seg_a, seg_b);
+  for (long long r0 = s.r_begin; r0 < s.r_end; r0 += BK, buf ^= 1) {
+    float ya[VEC], yb[VEC];
+    shift_step<HAS_SHIFT>(s, kept, s_shift, seg_a, seg_b, ya, yb, csum8);
+    stage(buf, ya, yb);
+    __syncthreads();
+    if (r0 + BK < s.r_end) kept = load_step(a, x, s, r0 + BK, seg_a, seg_b);
+    compute(buf);
+  }
+}
+
 // ------------------------------------------------------------------ epilogue
 __device__ __forceinline__ void count_rows(const Args& a, long long r_begin, long long r_end) {
   __shared__ unsigned int s_cnt;
@@ -279,14 +299,8 @@ __device__ __forceinline__ void mma_tile(const Args& a) {
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
   float csum8[VEC] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  Seg<T> seg_a, seg_b;
 
-  int buf = 0;
-  bool kept = s.r_begin < s.r_end && load_step(a, x, s, s.r_begin, seg_a, seg_b);
-  for (long long r0 = s.r_begin; r0 < s.r_end; r0 += BK, buf ^= 1) {
-    // stage this step's registers into shared memory buffer `buf`
-    float ya[VEC], yb[VEC];
-    shift_step<SPLIT>(s, kept, s_shift, seg_a, seg_b, ya, yb, csum8);
+  auto stage = [&](int buf, const float* ya, const float* yb) {
     const int off = s.krow * LDS16 + s.c0;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -306,10 +320,8 @@ __device__ __forceinline__ void mma_tile(const Args& a) {
         if (!s.diag) panel(buf, 1, 0)[off + j] = from_float<S>(yb[j]);
       }
     }
-    __syncthreads();
-    // issue the next step's global loads; they are in flight during this step's MMAs
-    if (r0 + BK < s.r_end) kept = load_step(a, x, s, r0 + BK, seg_a, seg_b);
-
+  };
+  auto compute = [&](int buf) {
     const int op_b = s.diag ? 0 : 1;
 #pragma unroll 1  // one k-slice of fragments live at a time (registers: 2 blocks per SM)
     for (int ks = 0; ks < BK; ks += 16) {
@@ -329,7 +341,8 @@ __device__ __forceinline__ void mma_tile(const Args& a) {
         wmma::mma_sync(acc[f], fa_hi, fb_hi, acc[f]);
       }
     }
-  }
+  };
+  pipelined_steps<SPLIT>(a, x, s, s_shift, csum8, stage, compute);
 
   float* staged = reinterpret_cast<float*>(smem);
   finish_sums(a, s, csum8, staged);
@@ -370,13 +383,8 @@ __device__ __forceinline__ void fma_tile(const Args& a, float (*sP)[2][BK * BT],
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[p][q] = 0.f;
   float csum8[VEC] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  Seg<T> seg_a, seg_b;
 
-  int buf = 0;
-  bool kept = s.r_begin < s.r_end && load_step(a, x, s, s.r_begin, seg_a, seg_b);
-  for (long long r0 = s.r_begin; r0 < s.r_end; r0 += BK, buf ^= 1) {
-    float ya[VEC], yb[VEC];
-    shift_step<HAS_SHIFT>(s, kept, s_shift, seg_a, seg_b, ya, yb, csum8);
+  auto stage = [&](int buf, const float* ya, const float* yb) {
     float* pa = sP[buf][0] + s.krow * BT + s.c0;
     float* pb = sP[buf][1] + s.krow * BT + s.c0;
 #pragma unroll
@@ -384,9 +392,8 @@ __device__ __forceinline__ void fma_tile(const Args& a, float (*sP)[2][BK * BT],
       pa[j] = ya[j];
       if (!s.diag) pb[j] = yb[j];
     }
-    __syncthreads();
-    if (r0 + BK < s.r_end) kept = load_step(a, x, s, r0 + BK, seg_a, seg_b);
-
+  };
+  auto compute = [&](int buf) {
     const float* A = sP[buf][0];
     const float* B = s.diag ? sP[buf][0] : sP[buf][1];
 #pragma unroll 8
@@ -400,7 +407,8 @@ __device__ __forceinline__ void fma_tile(const Args& a, float (*sP)[2][BK * BT],
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(ar[p], br[q], acc[p][q]);
     }
-  }
+  };
+  pipelined_steps<HAS_SHIFT>(a, x, s, s_shift, csum8, stage, compute);
 
   finish_sums(a, s, csum8, &sP[0][0][0]);
 #pragma unroll

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..linalg import orthonormalization_for, orthonormalize
 from ..subspace import fix_signs
-from .topk_eigh import EighBasis
+from .topk_eigh import EighBasis, _check_args
 
 #: Default bound on the transient memory of one chunk (bytes).
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
@@ -46,35 +46,26 @@ def _symmetric_stack(covs: Sequence[Tensor]) -> Tensor:
     return a
 
 
-def _check(covs, k, colsums, counts, inits) -> None:
+def _check(covs, k, colsums, counts, inits, oversample, iters) -> None:
+    """Each matrix's arguments as :func:`topk_eigh` checks them, and that they form one batch."""
     if len(covs) == 0:
         raise ValueError("topk_eigh_batched: covs is empty")
-    first = covs[0]
-    for i, c in enumerate(covs):
-        if not isinstance(c, Tensor) or c.dim() != 2 or c.shape != first.shape or c.shape[0] != c.shape[1]:
-            raise ValueError(f"topk_eigh_batched: covs[{i}] must be square and shaped like covs[0] "
-                             f"{tuple(first.shape)}, got {tuple(getattr(c, 'shape', ()))}")
-        if c.dtype != first.dtype or c.device != first.device:
-            raise ValueError(f"topk_eigh_batched: covs[{i}] is {c.dtype} on {c.device}, covs[0] {first.dtype} on "
-                             f"{first.device}: batch matrices of one dtype and device")
-    if first.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"topk_eigh_batched: covs must be float32 or float64, got {first.dtype}")
-    d = first.shape[0]
-    if not (isinstance(k, int) and 1 <= k <= d):
-        raise ValueError(f"topk_eigh_batched: k must be an int in [1, d={d}], got {k!r}")
     if (colsums is None) != (counts is None):
         raise ValueError("topk_eigh_batched: pass colsums and counts together (centring) or neither")
     for name, seq in (("colsums", colsums), ("counts", counts), ("inits", inits)):
         if seq is not None and len(seq) != len(covs):
             raise ValueError(f"topk_eigh_batched: {name} has {len(seq)} entries for {len(covs)} matrices")
-    if colsums is not None:
-        for i, c in enumerate(colsums):
-            if c.shape != (d,) or c.device != first.device:
-                raise ValueError(f"topk_eigh_batched: colsums[{i}] must be ({d},) on {first.device}")
-    if inits is not None:
-        for i, q in enumerate(inits):
-            if q is not None and (q.dim() != 2 or q.shape[1] != d or q.shape[0] < 1 or q.device != first.device):
-                raise ValueError(f"topk_eigh_batched: inits[{i}] must be (m, {d}) rows on {first.device} or None")
+    first = covs[0]
+    for i, c in enumerate(covs):
+        try:
+            _check_args(c, k, None if colsums is None else colsums[i], None if counts is None else counts[i],
+                        None if inits is None else inits[i], oversample, iters)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"topk_eigh_batched: matrix {i} (covs[{i}], inits[{i}], ...): {exc}") from None
+        if c.shape != first.shape or c.dtype != first.dtype or c.device != first.device:
+            raise ValueError(f"topk_eigh_batched: covs[{i}] is {c.dtype} {tuple(c.shape)} on {c.device}, covs[0] "
+                             f"{first.dtype} {tuple(first.shape)} on {first.device}: batch matrices of one "
+                             "shape, dtype and device")
 
 
 def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Sequence[Tensor]] = None,
@@ -97,9 +88,7 @@ def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Seque
         descending and clamped at 0, eigenvectors (k, d) with deterministic signs, the Ritz basis
         (b, d) and values (b,) for the next warm start.
     """
-    _check(covs, k, colsums, counts, inits)
-    if oversample < 0 or iters < 0:
-        raise ValueError("topk_eigh_batched: oversample and iters must be >= 0")
+    _check(covs, k, colsums, counts, inits, oversample, iters)
     d, dtype, device = covs[0].shape[0], covs[0].dtype, covs[0].device
     b = min(d, k + oversample)
     method = orthonormalization_for(device.type, orthonormalization)

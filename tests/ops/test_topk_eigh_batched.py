@@ -76,7 +76,7 @@ def test_bad_arguments_raise_with_the_index():
     with pytest.raises(ValueError, match="empty"):
         topk_eigh_batched([], 2)
     with pytest.raises(ValueError, match=r"covs\[1\]"):
-        topk_eigh_batched([a, torch.eye(9, device=DEVICE)], 2)
+        topk_eigh_batched([a, 2 * a, torch.eye(9, device=DEVICE)][::2], 2)  # the 9 x 9 one is covs[1]
     with pytest.raises(ValueError, match=r"covs\[1\].*float64"):
         topk_eigh_batched([a, a.double()], 2)
     with pytest.raises(ValueError, match="k must be"):

@@ -135,20 +135,19 @@ inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
   return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
-inline uint4 __ldg(const uint4* p) {
-  eva_emu::check_aligned(p, 16, "__ldg(uint4)");
-  ++eva_emu::vector_loads;
-  uint4 v;
+namespace eva_emu {
+template <typename V>
+inline V ldg128(const V* p, const char* what) {  // a 128-bit read-only load: aligned, counted
+  static_assert(sizeof(V) == 16, "128-bit vectors only");
+  check_aligned(p, 16, what);
+  ++vector_loads;
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline float4 __ldg(const float4* p) {
-  eva_emu::check_aligned(p, 16, "__ldg(float4)");
-  ++eva_emu::vector_loads;
-  float4 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+}  // namespace eva_emu
+inline uint4 __ldg(const uint4* p) { return eva_emu::ldg128(p, "__ldg(uint4)"); }
+inline float4 __ldg(const float4* p) { return eva_emu::ldg128(p, "__ldg(float4)"); }
 inline float __uint_as_float(unsigned int u) {
   float f;
   std::memcpy(&f, &u, 4);
