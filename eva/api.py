@@ -89,7 +89,7 @@ def get_eva_state_dict(
             raise EvaError(no_targets_message(settings, unsupported))
         warnings.warn(no_targets_message(settings, unsupported))
         return empty_result(settings, unsupported)
-    check_targets_not_meta(targets, is_peft_model)
+    check_targets_not_meta(targets, is_peft_model, model)
     ctx = model.disable_adapter() if is_peft_model else nullcontext()
     if prepare_model_inputs_fn is prepare_model_inputs_fn_language_modeling:
         prepare_model_inputs_fn = TOKEN_MASK  # the same rule, from the resolved settings

@@ -79,3 +79,18 @@ _hyp_settings.register_profile("ci", max_examples=250, deadline=None, derandomiz
 _hyp_settings.register_profile("long", max_examples=1500, deadline=None, derandomize=False, print_blob=True)
 if _hyp_settings.get_current_profile_name() == "default":  # not chosen with --hypothesis-profile
     _hyp_settings.load_profile("ci")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="run the tests marked slow (real models, minutes; make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` are skipped unless ``--run-slow`` is given (``make test-slow``)."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="marked slow (a real model, minutes): run with make test-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -27,7 +27,8 @@ checked in this order before the model is loaded (a failure prints one line
   3. --plot has an image format matplotlib writes (.png, .pdf, .svg, ...) and can be created;
      --out, --plot and --data are different files
   4. --data exists, is UTF-8 text (else: the offset of the first bad byte) with a non-empty line
-  5. --model is a folder holding config.json (readable by transformers) and a weights file
+  5. --model is a folder holding config.json (readable by transformers) and a weights file,
+     or a .gguf file (needs the gguf package; transformers dequantises it to fp32)
   6. --max-length fits the model's positions (max_position_embeddings / n_positions)
   7. --device exists on this machine (cuda, mps, xpu are probed; default cuda if available)
   8. the LoRA/EVA settings and the EVA_BACKEND environment variable
@@ -120,11 +121,12 @@ def _target_modules(text: str) -> Union[str, List[str]]:
 
 def _add_run_options(sp: argparse.ArgumentParser, model_required: bool, targets: str) -> None:
     """The options shared by ``init`` and ``demo`` (``targets``: default of --target-modules)."""
-    model_help = ("folder of a transformers model: config.json, the weights and the tokenizer files" +
+    model_help = ("folder of a transformers model (config.json, the weights and the tokenizer files), or a "
+                  ".gguf model file" +
                   ("" if model_required else " (default: the bundled MiniLM)"))
     data_help = ("UTF-8 text file, one calibration sample per non-empty line" +
                  ("" if model_required else " (default: the bundled calibration text)"))
-    sp.add_argument("--model", required=model_required, metavar="FOLDER", help=model_help)
+    sp.add_argument("--model", required=model_required, metavar="FOLDER|FILE.gguf", help=model_help)
     sp.add_argument("--data", required=model_required, metavar="TEXTFILE", help=data_help)
     sp.add_argument("--rank", type=_int_at_least(1, "the LoRA rank r"), default=DEFAULT_RANK,
                     help="LoRA rank r; the rank budget is r x number of layers (default: %(default)s)")

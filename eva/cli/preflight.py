@@ -24,6 +24,16 @@ class Plan:
     device: str
     lora_config: Any
     options: Dict[str, Any]
+    gguf_file: Optional[str] = None  # --model was a GGUF file: its name inside model_folder
+
+    @property
+    def model_folder(self) -> str:
+        """What ``from_pretrained`` takes: the folder, or the GGUF file's folder."""
+        return os.path.dirname(os.path.abspath(self.model_path)) if self.gguf_file else self.model_path
+
+    def pretrained_kwargs(self) -> Dict[str, Any]:
+        """Extra ``from_pretrained`` arguments (``gguf_file=`` for a GGUF model)."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
 def _targets_text(target_modules: Union[str, List[str]]) -> str:
@@ -51,10 +61,36 @@ def _check_outputs(out: str, plot: Optional[str], data_path: str) -> None:
         seen[real] = arg
 
 
+def _check_gguf_file(path: str) -> str:
+    """``path`` is a readable GGUF file and the ``gguf`` package (transformers' GGUF reader) is
+    installed; returns the file's name (``from_pretrained(folder, gguf_file=name)``)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise EvaError(f"--model {path!r}: ends in .gguf but is not a GGUF file (it does not start with the "
+                       "GGUF magic); give a GGUF model file or a transformers model folder")
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError as exc:
+        raise EvaError(f"--model {path!r}: a GGUF file needs the gguf package to be read "
+                       "(pip install gguf); or give a transformers model folder") from exc
+    return os.path.basename(path)
+
+
+def _check_model_source(path: str) -> Optional[str]:
+    """--model is a transformers model folder, or a GGUF file (transformers dequantises it).
+    Returns the GGUF file name, or None for a folder."""
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        return _check_gguf_file(path)
+    _check_model_folder(path)
+    return None
+
+
 def _check_model_folder(path: str) -> None:
     """``path`` is an existing folder holding config.json and a weights file (what a transformers
     model folder needs; the tokenizer files are checked when the tokenizer loads)."""
-    needs = "a model folder holds config.json, the weights (model.safetensors) and the tokenizer files"
+    needs = ("a model folder holds config.json, the weights (model.safetensors) and the tokenizer files "
+             "(or give a .gguf model file)")
     if not os.path.exists(path):
         raise EvaError(f"--model {path!r}: no such folder; {needs} (eva reads local folders only: save one with "
                        "save_pretrained(folder), or download it with `hf download REPO --local-dir FOLDER`)")
@@ -81,14 +117,18 @@ def _weight_file_names() -> List[str]:
                 "pytorch_model.bin.index.json"]
 
 
-def _read_model_config(path: str):
-    """The model's ``transformers`` config (reads config.json only, no weights)."""
+def _read_model_config(path: str, gguf_file: Optional[str] = None):
+    """The model's ``transformers`` config (config.json, or a GGUF file's metadata; no weights)."""
     from transformers import AutoConfig
     try:
+        if gguf_file:
+            return AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=gguf_file)
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EvaError(f"--model {path!r}: its config.json cannot be read by transformers ({one_line(exc)}); "
-                       "write it again with model.save_pretrained(folder)") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        what = "the GGUF file's metadata" if gguf_file else "its config.json"
+        fix = ("give a GGUF file of an architecture transformers can load" if gguf_file
+               else "write it again with model.save_pretrained(folder)")
+        raise EvaError(f"--model {path!r}: {what} cannot be read by transformers ({one_line(exc)}); {fix}") from exc
 
 
 def _max_positions(config) -> Optional[Tuple[int, str]]:
@@ -213,10 +253,10 @@ def check_inputs(args, model_path: str, data_path: str) -> Plan:
     _check_outputs(args.out, args.plot, data_path)
     from .text_data import read_lines
     lines = read_lines(data_path, "--data")
-    _check_model_folder(model_path)
-    model_config = _read_model_config(model_path)
+    gguf_file = _check_model_source(model_path)
+    model_config = _read_model_config(model_path, gguf_file)
     _check_max_length(args.max_length, model_config, model_path)
     device = _check_device(args.device)
     lora_config, options, settings = _lora_settings(args)
     _check_targets(model_config, settings, args.target_modules, model_path)
-    return Plan(model_path, data_path, lines, device, lora_config, options)
+    return Plan(model_path, data_path, lines, device, lora_config, options, gguf_file)

@@ -26,13 +26,13 @@ def _load(plan: Plan, dtype: str, quiet: bool):
     import torch
     from transformers import AutoModel, AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+        tokenizer = AutoTokenizer.from_pretrained(plan.model_folder, **plan.pretrained_kwargs())
     except (OSError, ValueError) as exc:
         raise EvaError(f"--model {plan.model_path!r}: its tokenizer cannot be loaded ({one_line(exc)}); the folder "
                        "needs the tokenizer files written by tokenizer.save_pretrained(folder)") from exc
     try:
         with _transformers_progress(not quiet):
-            model = AutoModel.from_pretrained(plan.model_path, dtype=getattr(torch, dtype))
+            model = AutoModel.from_pretrained(plan.model_folder, dtype=getattr(torch, dtype), **plan.pretrained_kwargs())
     except (OSError, ValueError) as exc:
         raise EvaError(f"--model {plan.model_path!r}: its weights cannot be loaded ({one_line(exc)}); the folder "
                        "needs the weights written by model.save_pretrained(folder)") from exc
@@ -67,7 +67,8 @@ def run_command(args, model_path: str, data_path: str) -> int:
           f"{args.max_length} tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} ("
           f"{', '.join(f'{op} {name}' for op, name in run['backends'].items())}, {run['orthonormalization']} "
           f"QR): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
-          f"{run['forward_seconds']:.2f} s, final solve {run['polish_seconds']:.2f} s")
+          f"{run['forward_seconds']:.2f} s, final solve {run['polish_seconds']:.2f} s, statistics "
+          f"{run.get('peak_statistics_bytes', 0) / 2**20:.1f} MiB")
     print(f"wrote {sd.save(args.out)}")
     if args.plot:
         from .plot import plot_ranks

@@ -236,7 +236,8 @@ class Capture:
 
     def _accumulate(self, group: GroupState, name: str, layer_input, rule) -> None:
         rows, mask = self._rows(group, name, layer_input, rule)
-        if group.stats is None:
+        new = group.stats is None
+        if new:
             group.stats = RunningStats(group.d, rows.device, self.centered, self._backend(rows.device),
                                        distributed=self.state.distributed, name=group.leader)
         elif group.stats.cov.device != rows.device:
@@ -247,6 +248,9 @@ class Capture:
         group.stats.update(rows, mask)
         self.state.stats_seconds += time.perf_counter() - t0
         group.hooks.captured = True
+        if new:  # after the first update, which also allocates the shift
+            self.state.stat_bytes += group.stats.nbytes
+            self.state.peak_stat_bytes = max(self.state.peak_stat_bytes, self.state.stat_bytes)
 
     def _backend(self, device: torch.device) -> eva_kernels.Backend:
         """``cov_update``'s backend for ``device``, resolved once (raises with the fix if unavailable)."""

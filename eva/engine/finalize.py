@@ -112,6 +112,7 @@ def _run_info(state: RunState) -> dict:
         "stats_seconds": state.stats_seconds,
         "solve_seconds": state.solve_seconds,
         "polish_seconds": state.polish_seconds,
+        "peak_statistics_bytes": state.peak_stat_bytes,
         "backend": state.backends.get("cov_update", ""),
         "backends": dict(state.backends),
         "orthonormalization": state.orthonormalization,

@@ -107,6 +107,8 @@ class RunState:
     stats_seconds: float = 0.0            # the statistic updates alone (wall clock: on a GPU, launches)
     solve_seconds: float = 0.0            # streaming solves, syncs and variance floor
     polish_seconds: float = 0.0
+    stat_bytes: int = 0                   # bytes of the live statistics (all groups, all devices)
+    peak_stat_bytes: int = 0              # their peak over the run
 
     @classmethod
     def for_targets(cls, targets: List[Any], distributed: bool) -> "RunState":

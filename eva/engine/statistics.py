@@ -69,6 +69,12 @@ class RunningStats:
         n = eva_kernels.cov_update(self.cov, self.colsum, x, mask, shift=self.shift, backend=self.backend)
         self.count += n
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this group's live statistic (cov, colsum, count and shift)."""
+        return sum(t.numel() * t.element_size() for t in (self.cov, self.colsum, self.count, self.shift)
+                   if t is not None)
+
     # -- views used by the solver -------------------------------------------------------------
     def centring(self, colsum: Tensor, count: Tensor):
         """(colsum, count) arguments of ``topk_eigh`` for the chosen mode."""

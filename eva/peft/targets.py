@@ -147,11 +147,39 @@ def no_targets_message(settings, unsupported: List[str]) -> str:
             "check the names against model.named_modules()")
 
 
+def _hooks_of(module: nn.Module) -> list:
+    """The accelerate hooks on ``module`` (a SequentialHook's members), or []."""
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
+def _offloads(hook) -> bool:
+    """An accelerate hook that keeps weights off the device and loads them per forward."""
+    return bool(getattr(hook, "offload", False)) or getattr(hook, "weights_map", None) is not None
+
+
+def _accelerate_execution_device(model: nn.Module) -> Optional[torch.device]:
+    """Where an accelerate-offloaded model computes (``cpu_offload`` / ``disk_offload`` of the
+    whole model: every parameter is on meta between forwards), else None."""
+    if not any(_offloads(h) for m in model.modules() for h in _hooks_of(m)):
+        return None
+    for m in model.modules():  # the outermost hook that names an execution device
+        for h in _hooks_of(m):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return dev if isinstance(dev, torch.device) else torch.device(dev)
+    return None
+
+
 def input_device(model: nn.Module) -> Optional[torch.device]:
-    """Device of the model's non-meta parameters; raises if every parameter is on meta."""
+    """Device of the model's non-meta parameters; raises if every parameter is on meta (unless
+    accelerate offloads the whole model: then its execution device)."""
     devices = {p.device for p in model.parameters()}
     real = {d for d in devices if d.type != "meta"}
     if devices and not real:
+        offloaded = _accelerate_execution_device(model)
+        if offloaded is not None:
+            return offloaded
         raise EvaError("the model's parameters are all on the meta device: load real weights "
                        "first (e.g. from_pretrained without device_map='meta', or to_empty + load_state_dict)")
     if len(real) == 1:
@@ -159,11 +187,29 @@ def input_device(model: nn.Module) -> Optional[torch.device]:
     return None  # several devices (pipeline / device_map): inputs stay where the loader put them
 
 
-def check_targets_not_meta(targets: List[Target], is_peft_model: bool) -> None:
-    """Base weights of target layers must be real (LoRA weights may be meta: low_cpu_mem_usage)."""
+def _offloaded_by_accelerate(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` of ``model`` (or a module above it) carries an accelerate hook
+    that loads offloaded weights for the forward (``dispatch_model`` / ``cpu_offload`` /
+    ``disk_offload`` with CPU or disk offload): its weight sits on ``meta`` between forwards,
+    by design, and is real while the forward runs."""
+    module, path = model, [model]
+    for part in name.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            break
+        path.append(module)
+    return any(_offloads(h) for m in path for h in _hooks_of(m))
+
+
+def check_targets_not_meta(targets: List[Target], is_peft_model: bool, model: Optional[nn.Module] = None) -> None:
+    """Base weights of target layers must be real (LoRA weights may be meta: low_cpu_mem_usage),
+    unless accelerate offloads them (CPU / disk offload: real during the forward)."""
     for t in targets:
         base = t.module.get_base_layer() if is_peft_model and hasattr(t.module, "get_base_layer") else t.module
         w = getattr(base, "weight", None)
         if w is not None and w.device.type == "meta":
+            if model is not None and _offloaded_by_accelerate(model, t.name):
+                continue
             raise EvaError(f"layer {t.name}: its weight is on the meta device, so its activations cannot be "
-                           "computed; materialise the model's weights before running EVA")
+                           "computed; materialise the model's weights before running EVA (or dispatch the "
+                           "model with accelerate's device_map / disk_offload, which loads them per forward)")

@@ -149,6 +149,26 @@ def test_model_is_a_file(tmp_path, init, no_loading):
                      repr(MODEL))
 
 
+def test_gguf_file_that_is_not_gguf(tmp_path, init, no_loading):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file")
+    assert_one_error(call(init(model=fake)), "--model", "not a GGUF file", ".gguf")
+
+
+def test_gguf_file_without_the_gguf_package(tmp_path, init, no_loading, monkeypatch):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    assert_one_error(call(init(model=fake)), "--model", "gguf package", "pip install gguf")
+
+
+def test_gguf_file_with_unreadable_metadata(tmp_path, init, no_loading):
+    pytest.importorskip("gguf")
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + bytes(60))  # the magic, then nothing transformers can read
+    assert_one_error(call(init(model=fake)), "--model", "GGUF file's metadata cannot be read")
+
+
 def test_model_folder_without_config(tmp_path, init, no_loading):
     folder = tmp_path / "m"
     folder.mkdir()

@@ -5,7 +5,6 @@ import os
 import re
 import warnings
 
-import pytest
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "README.md")
 
@@ -14,7 +13,6 @@ def python_blocks(text: str):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.slow
 def test_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     blocks = python_blocks(open(README, encoding="utf-8").read())
     example = next(b for b in blocks if "bundled_model_path" in b)
