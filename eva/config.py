@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
 from .errors import EvaError
+from .sizes import parse_bytes
 
 # Upper bounds of the solver options: larger values are mistakes (the block is capped at d anyway).
 MAX_OVERSAMPLE = 1024
@@ -68,6 +69,18 @@ class EvaOptions:
         orthonormalization: the eigensolver's orthonormalisation ("auto": Householder QR on
             CPU, CholeskyQR3 on GPUs; or "householder", "cholesky_qr3"), whatever the backend.
         seed: seed of the eigensolver's random test matrices.
+        memory_budget: bytes the run's statistics (``d x d`` fp32 per shared-input group) may
+            occupy, summed over groups and devices: an int, a string such as ``"8GB"`` or
+            ``"512MiB"``, or ``"auto"`` (:data:`eva.engine.memory_budget.AUTO_FRACTION` of the
+            statistics device's free memory). None (default): no bound. When every group's
+            statistic fits, the run is the usual all-at-once run; otherwise it is
+            *layer-sequential* (:mod:`eva.engine.sequential`): the model's repeated blocks are
+            calibrated a window of blocks at a time, each group converging on all of its
+            ``r * rho`` components, and ranks are allocated at the end.
+        blocks: dotted name of the model's list of repeated blocks for layer-sequential runs
+            (e.g. ``"model.layers"``); None: the largest ``nn.ModuleList`` of same-class modules.
+        offload_device: where layer-sequential runs cache each batch's block inputs between
+            windows ("cpu" by default; a GPU when it has room).
     """
 
     centered: bool = True
@@ -85,6 +98,9 @@ class EvaOptions:
     backend: Optional[str] = None
     orthonormalization: str = "auto"
     seed: int = 0
+    memory_budget: Union[None, int, str] = None
+    blocks: Optional[str] = None
+    offload_device: str = "cpu"
 
     def __post_init__(self):
         _check_bool("centered", self.centered)
@@ -110,10 +126,28 @@ class EvaOptions:
             raise EvaError(f"final_tol must be a number in (0, 1) (relative residual of the final solve, "
                            f"e.g. 1e-4), got {self.final_tol!r}")
         self.backend = check_backend(self.backend)
+        if self.memory_budget is not None and self.memory_budget != "auto":
+            self.memory_budget = parse_bytes(self.memory_budget, "memory_budget")
+        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip()):
+            raise EvaError(f"blocks must be None or the dotted name of the model's block list, e.g. "
+                           f"'model.layers'; got {self.blocks!r}")
+        self.offload_device = _check_device("offload_device", self.offload_device)
         from eva_kernels import ORTHONORMALIZATIONS
         if self.orthonormalization not in ("auto",) + ORTHONORMALIZATIONS:
             raise EvaError(f"orthonormalization must be one of {('auto',) + ORTHONORMALIZATIONS}, "
                            f"got {self.orthonormalization!r}")
+
+
+def _check_device(name: str, v) -> str:
+    """A device name torch understands (not ``meta``), normalised."""
+    import torch
+    try:
+        dev = torch.device(v)
+    except (TypeError, RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type == "meta":
+        raise EvaError(f"{name} must name a device that holds data, such as 'cpu' or 'cuda:0'; got {v!r}")
+    return str(dev)
 
 
 def _is_real(v) -> bool:

@@ -108,6 +108,17 @@ def _backend_name(text: str) -> str:
                                          f"{', '.join(('auto',) + tuple(BACKEND_NAMES))}") from None
 
 
+def _memory_budget(text: str):
+    """argparse ``type=`` of ``--memory-budget``: ``auto`` or a size such as ``8GB``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    from ..sizes import parse_bytes
+    try:
+        return parse_bytes(text, "--memory-budget")
+    except EvaError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or auto") from None
+
+
 def _target_modules(text: str) -> Union[str, List[str]]:
     """argparse ``type=`` of ``--target-modules``: ``"all-linear"`` or a list of module names."""
     if text.strip().lower() == "all-linear":
@@ -149,6 +160,15 @@ def _add_run_options(sp: argparse.ArgumentParser, model_required: bool, targets:
                     help="uncentred second moment instead of PCA (default: centred)")
     sp.add_argument("--backend", type=_backend_name, default=EvaOptions.backend,
                     help="eva_kernels backend: auto, torch, triton, cpp (default: $EVA_BACKEND, else auto)")
+    sp.add_argument("--memory-budget", type=_memory_budget, default=None, metavar="SIZE|auto",
+                    help="bound on the statistics' memory, e.g. 8GB or 512MiB; auto: half the free memory. "
+                         "When the statistics do not fit at once, the model's blocks are calibrated a window "
+                         "at a time (default: no bound)")
+    sp.add_argument("--blocks", default=None, metavar="NAME",
+                    help="dotted name of the model's block list for --memory-budget runs, e.g. model.layers "
+                         "(default: the largest list of same-class layers)")
+    sp.add_argument("--offload-device", default=EvaOptions.offload_device, metavar="DEVICE",
+                    help="where those runs cache block inputs between windows (default: %(default)s)")
     sp.add_argument("--device", default=None,
                     help="cpu, cuda, cuda:N, mps, ... (default: cuda if available, else cpu)")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

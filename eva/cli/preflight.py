@@ -214,7 +214,8 @@ def _lora_settings(args):
                             eva_config=EvaConfig(rho=args.rho, tau=args.tau, whiten=args.whiten))
     except ValueError as exc:  # PEFT's own checks (plain ValueError)
         raise EvaError(f"invalid LoRA/EVA settings: {one_line(exc)}; fix --rank/--rho/--tau") from exc
-    options = {"centered": not args.uncentered, "max_steps": args.max_steps, "backend": args.backend}
+    options = {"centered": not args.uncentered, "max_steps": args.max_steps, "backend": args.backend,
+               "memory_budget": args.memory_budget, "blocks": args.blocks, "offload_device": args.offload_device}
     return config, options, resolve_settings(config, options)
 
 

@@ -69,6 +69,10 @@ def run_command(args, model_path: str, data_path: str) -> int:
           f"QR): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
           f"{run['forward_seconds']:.2f} s, final solve {run['polish_seconds']:.2f} s, statistics "
           f"{run.get('peak_statistics_bytes', 0) / 2**20:.1f} MiB")
+    if run.get("mode") == "layer_sequential":
+        from ..sizes import format_bytes
+        print(f"layer-sequential within memory_budget {format_bytes(run['memory_budget'])}: {len(run['windows'])} "
+              f"windows of blocks, block inputs cached {run['peak_cache_bytes'] / 2**20:.1f} MiB")
     print(f"wrote {sd.save(args.out)}")
     if args.plot:
         from .plot import plot_ranks

@@ -12,6 +12,10 @@ Rooms, one job each:
 * :mod:`.allocation` — rank redistribution and the tokens-per-rank rule.
 * :mod:`.finalize` — polish, final allocation, whitening, the result and its metadata.
 * :mod:`.observer` — :class:`EvaObserver` events (progress bar, benches, tests).
+* :mod:`.memory_budget` — bytes of a statistic, ``memory_budget`` ("auto"), windows of groups.
+* :mod:`.sequential` — :class:`LayerSequentialEngine`: a window of blocks at a time within the budget.
+* :mod:`.blocks`, :mod:`.block_probe`, :mod:`.block_inputs` — the block list and its stubs, the
+  first-batch check that replaying blocks is exact, the block inputs cached per batch.
 """
 from .loop import TOKEN_MASK, Engine, run_eva
 from .observer import EvaObserver

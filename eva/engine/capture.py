@@ -94,6 +94,10 @@ class Capture:
         requested_backend: the ``backend`` option; resolved once per statistics device.
         skip_rest_of_forward: stop the forward once every hooked group has its input.
         observer: receives ``on_rows`` before each accumulation.
+
+    ``accumulate`` (attribute, default True): False makes the discovery forward only find the
+    groups and check each layer's rows, creating no statistic (layer-sequential runs size their
+    windows from the groups before any statistic exists).
     """
 
     def __init__(self, state: RunState, rules: Dict[str, Any], centered: bool, requested_backend: Optional[str],
@@ -112,6 +116,7 @@ class Capture:
         self.hooked_groups = 0
         self.complete_groups = 0
         self.backends: Dict[torch.device, eva_kernels.Backend] = {}
+        self.accumulate = True
 
     # ------------------------------------------------------------------ hooks --------------
     def attach_all_targets(self) -> None:
@@ -180,7 +185,10 @@ class Capture:
             group = self._discover(name, raw, rule)
             if group is not None:
                 group.hooks.per_forward += 1
-                self._accumulate(group, name, layer_input, rule)
+                if self.accumulate:
+                    self._accumulate(group, name, layer_input, rule)
+                else:
+                    self._rows(group, name, layer_input, rule)
             return
         group = self.state.group_of[name]
         self._accumulate(group, name, layer_input, rule)
@@ -240,8 +248,8 @@ class Capture:
         if new:
             group.stats = RunningStats(group.d, rows.device, self.centered, self._backend(rows.device),
                                        distributed=self.state.distributed, name=group.leader)
-        elif group.stats.cov.device != rows.device:
-            raise EvaError(f"layer {name}: input moved from {group.stats.cov.device} to {rows.device} between "
+        elif group.stats.device != rows.device:
+            raise EvaError(f"layer {name}: input moved from {group.stats.device} to {rows.device} between "
                            "batches; keep each layer on one device during EVA")
         self.observer.on_rows(group, rows, mask)
         t0 = time.perf_counter()

@@ -50,19 +50,26 @@ def _check_converged(state: RunState, settings: EvaSettings) -> None:
     warnings.warn(msg)
 
 
+def polish_groups(groups, solver, step: int) -> None:
+    """Final solve of ``groups`` to the residual tolerance (warm-started), one sync."""
+    for g in groups:
+        solver.solve(g, step, final=True)
+    solver.sync(groups, step)
+
+
 def _polish(state: RunState, solver) -> None:
-    """Final solve of every group to the residual tolerance, the variance floor, the final allocation."""
+    """Final solve of every group whose statistic is still live (a layer-sequential run polished
+    and freed each group at the end of its window), the variance floor over every group, the
+    final allocation."""
     t_polish = time.perf_counter()
     if not state.groups:  # every batch was skipped (skip_empty_batches=True): nothing was captured
         raise EvaError(f"every batch was skipped ({state.step} batch(es)): no token left after the padding/label "
                        "mask; check the attention masks and labels, or set use_label_mask=False")
+    polish_groups([g for g in state.groups if g.stats is not None and g.stats.live], solver, state.step)
     solved = [g for g in state.groups if g.stats is not None]
-    for g in solved:
-        solver.solve(g, state.step, final=True)
-    solver.sync(solved, state.step)
     _check_zero_variance(apply_variance_floor(solved), len(solved))
     allocation.reallocate(state)
-    state.polish_seconds = time.perf_counter() - t_polish
+    state.polish_seconds += time.perf_counter() - t_polish
 
 
 def _layer_components(state: RunState, settings: EvaSettings, name: str):
@@ -113,6 +120,10 @@ def _run_info(state: RunState) -> dict:
         "solve_seconds": state.solve_seconds,
         "polish_seconds": state.polish_seconds,
         "peak_statistics_bytes": state.peak_stat_bytes,
+        "mode": state.mode,
+        "memory_budget": state.memory_budget,
+        "windows": [dict(w) for w in state.windows],
+        "peak_cache_bytes": state.peak_cache_bytes,
         "backend": state.backends.get("cov_update", ""),
         "backends": dict(state.backends),
         "orthonormalization": state.orthonormalization,

@@ -32,7 +32,8 @@ from .. import distributed as dist_utils
 from ..config import EvaSettings
 from ..errors import EvaError, _StopForward
 from ..result import EvaStateDict
-from . import allocation
+from . import allocation, memory_budget
+from .blocks import find_blocks
 from .capture import Capture
 from .finalize import build_result
 from .observer import EvaObserver, Observers, ProgressBar
@@ -106,6 +107,18 @@ class Engine:
         self.state.orthonormalization = method
         return Solver(self.opts, backend, method, self.state.distributed, device.type)
 
+    def _in_play(self) -> List:
+        """The groups whose convergence this run is deciding now (all of them)."""
+        return self.state.groups
+
+    def _need(self, group) -> int:
+        """Components ``group`` must converge on: what its layers need under the current allocation."""
+        return self.state.needed(group)
+
+    def _reallocate(self) -> None:
+        if all(g.estimate.ratios is not None for g in self.state.groups):
+            allocation.reallocate(self.state)
+
     def _update_convergence(self) -> None:
         """Re-allocate ranks from the latest ratios; (un)hook groups by what they now need.
 
@@ -114,11 +127,10 @@ class Engine:
         batches may bring variance) without holding the run up (see ``RunState.all_settled``).
         """
         state = self.state
-        if all(g.estimate.ratios is not None for g in state.groups):
-            allocation.reallocate(state)
+        self._reallocate()
         tau = self.settings.tau
-        for g in state.groups:
-            need = state.needed(g)
+        for g in self._in_play():
+            need = self._need(g)
             est = g.estimate
             enough = est.tokens >= allocation.tokens_needed(need, self.opts.centered)
             was = g.converged
@@ -174,12 +186,17 @@ class Engine:
             exhausted = dist_utils.any_rank(exhausted, dist_utils.collective_device())
         return None if exhausted else batch
 
-    def run(self, dataloader) -> EvaStateDict:
-        state = self.state
-        state.started = time.perf_counter()
+    def _start(self, dataloader) -> Optional[int]:
+        """Start the clock; the loader's length (None: unsized), refusing an empty loader."""
+        self.state.started = time.perf_counter()
         total_len = len(dataloader) if hasattr(dataloader, "__len__") else None
         if total_len == 0:
             raise EvaError("dataloader is empty: EVA needs at least one batch")
+        return total_len
+
+    def run(self, dataloader) -> EvaStateDict:
+        state = self.state
+        total_len = self._start(dataloader)
         limit = self.opts.max_steps
         bar = self._progress(total_len if limit is None else min(limit, total_len or limit))
         it = iter(dataloader)
@@ -264,6 +281,15 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
                       "same inputs on different ranks. (eva-kernels sums each layer's statistics over the ranks "
                       "instead of gathering activations; pass gather_distributed_inputs=False for independent "
                       "per-rank runs.)")
+    budget = memory_budget.resolve_budget(settings.options.memory_budget, _statistics_device(targets, device))
+    state.memory_budget = budget
+    if budget is not None:
+        memory_budget.check_budget_floor(targets, budget, settings.options.centered)
+    if budget is not None and not memory_budget.fits_at_once([t.in_features for t in targets], budget,
+                                                            settings.options.centered):
+        from .sequential import LayerSequentialEngine
+        blocks = find_blocks(model, settings.options.blocks)
+        engine = LayerSequentialEngine(engine, blocks, budget)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -273,3 +299,12 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
         capture.remove_hooks()
         for module, training in modes:  # per module: mixed train/eval states survive
             module.training = training
+
+
+def _statistics_device(targets: List, device: Optional[torch.device]) -> torch.device:
+    """Where the statistics will live, for ``memory_budget="auto"``: the inputs' device, else the
+    first target's weight's (CPU when it is on meta: accelerate offload computes on CPU here)."""
+    if device is not None:
+        return device
+    w = getattr(targets[0].module, "weight", None)
+    return w.device if w is not None and w.device.type != "meta" else torch.device("cpu")

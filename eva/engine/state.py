@@ -109,6 +109,10 @@ class RunState:
     polish_seconds: float = 0.0
     stat_bytes: int = 0                   # bytes of the live statistics (all groups, all devices)
     peak_stat_bytes: int = 0              # their peak over the run
+    mode: str = "all_at_once"             # or "layer_sequential" (see eva.engine.sequential)
+    memory_budget: Optional[int] = None   # bytes the statistics may hold (None: unbounded)
+    windows: List[Dict[str, Any]] = field(default_factory=list)  # layer-sequential windows, as run
+    peak_cache_bytes: int = 0             # peak bytes of cached block inputs (layer-sequential)
 
     @classmethod
     def for_targets(cls, targets: List[Any], distributed: bool) -> "RunState":
@@ -135,4 +139,4 @@ class RunState:
 
     def stats_device(self) -> Optional[torch.device]:
         """Device of the first statistic (None before any was created)."""
-        return next((g.stats.cov.device for g in self.groups if g.stats is not None), None)
+        return next((g.stats.device for g in self.groups if g.stats is not None), None)

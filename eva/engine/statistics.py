@@ -38,6 +38,7 @@ class RunningStats:
         self.distributed = distributed
         self.centered = centered
         self.backend = backend
+        self.device = torch.device(device)
         self.cov = torch.zeros(d, d, dtype=torch.float32, device=device)
         self.colsum = torch.zeros(d, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
@@ -74,6 +75,18 @@ class RunningStats:
         """Bytes of this group's live statistic (cov, colsum, count and shift)."""
         return sum(t.numel() * t.element_size() for t in (self.cov, self.colsum, self.count, self.shift)
                    if t is not None)
+
+    @property
+    def live(self) -> bool:
+        """False once :meth:`release` freed the tensors."""
+        return self.cov is not None
+
+    def release(self) -> int:
+        """Free ``cov``, ``colsum``, ``count`` and ``shift`` (layer-sequential runs, after the
+        group's final solve); scalars such as ``input_roundoff`` stay. Returns the bytes freed."""
+        freed = self.nbytes
+        self.cov = self.colsum = self.count = self.shift = None
+        return freed
 
     # -- views used by the solver -------------------------------------------------------------
     def centring(self, colsum: Tensor, count: Tensor):

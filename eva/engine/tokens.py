@@ -40,11 +40,20 @@ def token_mask(model_input, use_label_mask: bool, label_mask_value: int) -> Tens
     return mask
 
 
+def leading_tensor(value) -> Optional[Tensor]:
+    """``value`` when it is a tensor, else the first element of a non-empty tuple/list when that
+    is one, else None (layer inputs, block outputs)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    return None
+
+
 def _first_tensor(layer_input, layer_name: str) -> Tensor:
-    if isinstance(layer_input, Tensor):
-        return layer_input
-    if isinstance(layer_input, (tuple, list)) and layer_input and isinstance(layer_input[0], Tensor):
-        return layer_input[0]
+    x = leading_tensor(layer_input)
+    if x is not None:
+        return x
     raise EvaTypeError(f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer {layer_name}, "
                        "please provide a custom prepare_layer_inputs_fn (it must return a (tokens, d) tensor)")
 

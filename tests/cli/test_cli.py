@@ -297,3 +297,29 @@ def test_plot_ranks_writes_png(tmp_path):
     path = tmp_path / "r.png"
     assert plot_ranks(ranks, str(path), title="t") == str(path)
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# ------------------------------------------------------------------------- --memory-budget ---
+def test_init_with_a_memory_budget_runs_layer_sequentially(tmp_path, data_file, init_run):
+    """MiniLM's query/value statistics (384 x 384 fp32 per layer) one encoder layer at a time:
+    the same ranks and components as the unbounded run on the same batches."""
+    out = tmp_path / "budget.safetensors"
+    rc, stdout, stderr = call([
+        "init", "--model", bundled_model_path(), "--data", str(data_file), "--rank", "2", "--batch-size", "4",
+        "--max-length", "24", "--max-steps", "3", "--target-modules", "query,value", "--out", str(out),
+        "--memory-budget", "1MB", "--offload-device", "cpu", "--quiet"])
+    assert rc == 0, stderr
+    assert "layer-sequential within memory_budget 1 MB: 6 windows of blocks" in stdout
+    sd, ref = load_eva_state_dict(str(out)), load_eva_state_dict(str(init_run["file"]))
+    assert sd.metadata["run"]["mode"] == "layer_sequential" and len(sd.metadata["run"]["windows"]) == 6
+    assert sd.metadata["run"]["peak_statistics_bytes"] <= 10**6
+    assert sd.ranks == ref.ranks
+    for name in ref:
+        torch.testing.assert_close(sd[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_budget_that_is_not_a_size_exits_2(data_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["init", "--model", bundled_model_path(), "--data", str(data_file), "--memory-budget", "lots"])
+    assert info.value.code == 2
+    assert "--memory-budget must be a positive number of bytes" in capsys.readouterr().err

@@ -7,6 +7,8 @@ shard of the batches (rank 0 the even ones, rank 1 the odd ones). Every worker r
 * ``partial``: gathered, tau=0.3: groups detach at different batches, data runs out;
 * ``gather``:  gather_distributed_inputs=True, tau=1.0 (never converges: consumes all data);
 * ``local``:   gather_distributed_inputs=False (each rank on its own shard, no collective);
+* ``sequential``: gathered, tau=1.0, a memory budget of one decoder layer's statistics
+  (layer-sequential: both ranks run the same windows in lockstep);
 
 and saves each result with ``EvaStateDict.save`` into a temporary folder. The test process
 then checks (a) both ranks agree, (b) the gathered run equals a single-process run on
@@ -42,11 +44,14 @@ R = 3
 JOIN_TIMEOUT_S = 90.0  # whole spawn (imports ~8 s per worker on 2 shared cores)
 PG_TIMEOUT_S = 60.0    # a collective that waits this long fails instead of hanging
 BIG_COUNT = 2**24 + 1  # tokens per rank in the count-reduction check
-RUNS = {  # name -> (gather_distributed_inputs, tau)
-    "early": (True, 0.1),     # every group converges after 2 batches
-    "partial": (True, 0.3),   # groups converge (hooks detach) at different batches
-    "gather": (True, 1.0),
-    "local": (False, 0.99),
+#: one decoder layer's statistics (q/k/v and gate/up share theirs): d=40 three times, d_ff=72 once
+ONE_LAYER = 3 * (4 * 40 * 40 + 8 * 40 + 8) + (4 * 72 * 72 + 8 * 72 + 8)
+RUNS = {  # name -> (gather_distributed_inputs, tau, engine options)
+    "early": (True, 0.1, {}),     # every group converges after 2 batches
+    "partial": (True, 0.3, {}),   # groups converge (hooks detach) at different batches
+    "gather": (True, 1.0, {}),
+    "local": (False, 0.99, {}),
+    "sequential": (True, 1.0, {"memory_budget": ONE_LAYER}),
 }
 
 
@@ -115,8 +120,8 @@ def _worker(rank: int, port: int, out_dir: str, queue) -> None:
         _, _, count = reduced_stats(torch.zeros(2, 2), torch.zeros(2), torch.tensor(BIG_COUNT))
         info["reduced_count"] = int(count)
         info["warned"] = {}
-        for name, (gather, tau) in RUNS.items():
-            sd, info["warned"][name] = run_eva(model, batches, tau, gather_distributed_inputs=gather)
+        for name, (gather, tau, options) in RUNS.items():
+            sd, info["warned"][name] = run_eva(model, batches, tau, gather_distributed_inputs=gather, **options)
             sd.save(os.path.join(out_dir, f"{name}_rank{rank}.safetensors"))
         dist.barrier()
         with open(os.path.join(out_dir, f"info_rank{rank}.json"), "w") as f:
@@ -287,6 +292,17 @@ def test_gathered_equals_single_process_on_concatenated_batches(dist_results):
     assert_same_pca(r0, single)
 
 
+def test_layer_sequential_equals_single_process_on_concatenated_batches(dist_results):
+    """A memory budget of one layer: windows in lockstep on both ranks, statistics summed."""
+    r0, r1 = dist_results["sequential"]
+    assert r0.metadata["run"]["mode"] == "layer_sequential" and len(r0.metadata["run"]["windows"]) == 2
+    assert r0.metadata["run"]["peak_statistics_bytes"] <= ONE_LAYER
+    single, _ = run_eva(build_model(), concatenated(), 1.0)
+    assert single.metadata["run"]["steps"] == r0.metadata["run"]["steps"]
+    assert_same_pca(r0, single)
+    assert r0.ranks == single.ranks == r1.ranks
+
+
 def test_local_runs_equal_single_process_on_own_shard(dist_results):
     """(c) gather_distributed_inputs=False: no collective, each rank = its shard alone."""
     model = build_model()
@@ -308,4 +324,4 @@ def test_reduced_token_count_is_exact_beyond_float32(dist_results):
 def test_peft_distributed_warning_only_when_gathering(dist_results):
     """PEFT warns when statistics are combined over ranks; we keep its words (matched in logs)."""
     for info in dist_results["info"]:
-        assert info["warned"] == {name: gather for name, (gather, _) in RUNS.items()}
+        assert info["warned"] == {name: gather for name, (gather, _, _) in RUNS.items()}
