@@ -34,7 +34,7 @@ class Chain(nn.Module):
     """inp -> 3 blocks -> head; ``between`` changes the hidden states between blocks (not a chain),
     ``scaled`` passes each block an argument computed from the previous block's output."""
 
-    def __init__(self, between: bool = False, scaled: bool = False, listed: bool = True):
+    def __init__(self, between: bool = False, scaled: bool = False, listed: bool = True, per_block: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(8, D)
@@ -44,12 +44,15 @@ class Chain(nn.Module):
         else:  # the same layers, not in a list
             self.b0, self.b1, self.b2 = blocks
         self.head = nn.Linear(D, 4)
-        self.between, self.scaled, self.listed = between, scaled, listed
+        self.between, self.scaled, self.listed, self.per_block = between, scaled, listed, per_block
 
     def forward(self, x):
         h = self.inp(x)
-        for b in (self.blocks if self.listed else (self.b0, self.b1, self.b2)):
-            h = b(h, scale=(1 + h.std()) if self.scaled else None)
+        # per-block anisotropic scales, computed before the loop (they change each block's PCA)
+        per_block = [torch.linspace(0.2, 3.0, D, device=x.device).roll(5 * j) for j in range(3)]
+        for j, b in enumerate(self.blocks if self.listed else (self.b0, self.b1, self.b2)):
+            scale = per_block[j] if self.per_block else None
+            h = b(h, scale=(1 + h.std()) if self.scaled else scale)
             if self.between:
                 h = h * 0.5
         return self.head(h)
@@ -133,8 +136,11 @@ def test_models_whose_blocks_are_not_a_plain_chain_raise(kw, match):
     assert_blocks_restored(model)
 
 
-def test_plain_chain_model_runs_layer_sequentially_and_equals_all_at_once():
-    model = Chain()
+@pytest.mark.parametrize("per_block", [False, True])
+def test_plain_chain_model_runs_layer_sequentially_and_equals_all_at_once(per_block):
+    """Also when each block gets its own argument (like per-layer masks of sliding-window layers):
+    every block's call is recorded per batch, not the first block's reused."""
+    model = Chain(per_block=per_block)
     ref = run_chain(model, chain_batches())
     sd = run_chain(model, chain_batches(), memory_budget=ONE_BLOCK)
     assert sd.metadata["run"]["mode"] == "layer_sequential" and len(sd.metadata["run"]["windows"]) == 3
