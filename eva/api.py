@@ -62,7 +62,8 @@ def get_eva_state_dict(
             tensor, or a dict of such functions per layer name. The default uses a fused
             masked update (no gathered copy).
         adapter_name: adapter of a ``PeftModel`` whose config is used.
-        gather_distributed_inputs: under ``torch.distributed``, sum statistics over ranks.
+        gather_distributed_inputs: under ``torch.distributed``, solve for the statistics summed
+            over ranks (only products with them are all-reduced: :mod:`eva.distributed`).
         show_progress_bar: tqdm bar with converged layers and tokens/s.
         observers: :class:`eva.EvaObserver` instances that receive the engine's events
             (tokens consumed, steps, convergence); not part of PEFT's signature.

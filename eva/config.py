@@ -54,11 +54,12 @@ class EvaOptions:
             in batched calls (:func:`eva_kernels.topk_eigh_batched`: PyTorch's batched GEMM on
             symmetric copies), so that a step's small solver launches do not grow with the
             number of layers. False: one ``topk_eigh`` per group with the backend's products.
-            "auto" (default): batched on GPUs (launch-bound), per group on CPUs, where the solves
-            are bound by FLOPs and memory and the symmetric copies batching needs cost more than
-            the launches it saves (MiniLM bench, 74 steps: 1.8 s batched vs 1.7 s per group).
-            Results agree to floating-point rounding; the final polish is always per group.
-            Not used in distributed runs yet (each group is solved on its reduced statistic).
+            "auto" (default): batched on GPUs (launch-bound) and in distributed runs (one
+            all-reduce per iteration and width instead of one per group: collectives are
+            latency-bound); per group on one CPU process, where the solves are bound by FLOPs
+            and memory and the symmetric copies batching needs cost more than the launches it
+            saves (MiniLM bench, 74 steps: 1.8 s batched vs 1.7 s per group). Results agree to
+            floating-point rounding; the final polish is always per group.
         solve_batch_bytes: bound on the transient memory of one batched solve (the symmetric
             copies, ``2 * groups * d^2 * 4`` bytes); more groups are solved in several chunks.
         final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final

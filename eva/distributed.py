@@ -1,13 +1,21 @@
-"""torch.distributed helpers: statistics are summed across ranks (exact), never gathered.
+"""torch.distributed helpers: statistics stay on their rank; only sketches travel.
 
-Each rank accumulates its own tokens; before a solve the group's (cov, colsum, count) are
-all-reduced into temporaries, so every rank solves the same global problem and takes the
-same convergence decisions (hooks and early stops stay in lockstep). The shift is the
-global mean of the first batch, agreed with two all-reduces inside the first forward.
+Each rank accumulates the statistic of its own tokens, ``C_r``. The global statistic is
+``C = sum_r C_r``, and a solve needs only products with it, so the ranks sum products instead
+of matrices (:func:`eva_kernels.topk_eigh`'s ``reduce``): per subspace iteration ``C Q =
+sum_r C_r Q`` (d x b), plus once per solve the column sums, the diagonal (for the variance
+terms) and the token count (:func:`reduced_vectors`). Every rank then holds the same reduced
+products, computes the same basis, and takes the same convergence decisions in lockstep; no
+``d x d`` matrix is ever communicated. The shift is the global mean of the first batch, agreed
+with one all-reduce inside the first forward.
+
+:class:`Traffic` counts what this rank all-reduces (bytes per step, in total) and the time
+spent in collectives; the run's metadata reports it.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -17,6 +25,39 @@ from torch import Tensor
 def active(gather_distributed_inputs: bool) -> bool:
     """True when the run sums statistics over the ranks of an initialised process group."""
     return bool(gather_distributed_inputs) and dist.is_available() and dist.is_initialized()
+
+
+class Traffic:
+    """This rank's collectives in one run: bytes per step (``step`` is set by the engine), in
+    total, number of calls and seconds spent waiting in them (wall clock)."""
+
+    def __init__(self):
+        self.step = 0
+        self.bytes_total = 0
+        self.calls = 0
+        self.seconds = 0.0
+        self.bytes_per_step: Dict[int, int] = {}
+
+    def all_reduce(self, t: Tensor, op=None) -> Tensor:
+        """In-place ``dist.all_reduce`` (sum unless ``op``), counted; returns ``t``."""
+        t0 = time.perf_counter()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+        self.seconds += time.perf_counter() - t0
+        n = t.numel() * t.element_size()
+        self.bytes_total += n
+        self.calls += 1
+        self.bytes_per_step[self.step] = self.bytes_per_step.get(self.step, 0) + n
+        return t
+
+    def summary(self, steps: int, full_statistics_bytes: int) -> dict:
+        """The metadata record: bytes per step (steps 1..``steps``: the batch's forward, its
+        solves and the loader check), of the final solves (``step == -1``), in total; calls and
+        seconds; and what all-reducing every group's full ``d x d`` fp32 statistic would move per
+        step (``full_statistics_bytes``)."""
+        return {"bytes_total": self.bytes_total, "calls": self.calls, "collective_seconds": self.seconds,
+                "bytes_per_step": [self.bytes_per_step.get(s, 0) for s in range(1, steps + 1)],
+                "bytes_final_solves": self.bytes_per_step.get(-1, 0),
+                "full_statistics_bytes_per_step": full_statistics_bytes}
 
 
 def masked_sum_and_count(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -30,22 +71,27 @@ def masked_sum_and_count(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Ten
     return torch.where(mask.unsqueeze(1), xf, xf.new_zeros(())).sum(0), mask.sum().to(torch.float32)
 
 
-def global_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Mean of the kept rows over every rank (two values all-reduced: the sum and the count)."""
+def global_mean(x: Tensor, mask: Optional[Tensor], traffic: Traffic) -> Tensor:
+    """Mean of the kept rows over every rank (one all-reduce of the sum and the count)."""
     total, n = masked_sum_and_count(x, mask)
     s = torch.cat([total, n.reshape(1)])
-    dist.all_reduce(s)
+    traffic.all_reduce(s)
     return s[:-1] / s[-1].clamp_min(1)
 
 
-def reduced_stats(cov: Tensor, colsum: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Sums over ranks, into new tensors (the local running sums stay untouched)."""
-    g_cov = cov.clone()
-    # float64 carries token counts exactly up to 2**53 (float32 only up to 2**24)
-    g_vec = torch.cat([colsum.to(torch.float64), count.to(torch.float64).reshape(1)])
-    dist.all_reduce(g_cov)
-    dist.all_reduce(g_vec)
-    return g_cov, g_vec[:-1].to(torch.float32).contiguous(), g_vec[-1].round().to(torch.int64)
+def reduced_vectors(colsum: Tensor, count: Tensor, diag: Tensor, traffic: Traffic) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(colsum, count, diag)`` summed over ranks in one all-reduce, into new tensors.
+
+    Shapes: colsum and diag (..., d), count (...): one group, or G groups stacked. float64 on
+    the wire: it carries token counts exactly up to 2**53 (float32 only to 2**24). Returns
+    colsum fp32, count int64, diag fp32 (of the summed statistic), in the input shapes.
+    """
+    n = colsum.numel()
+    v = torch.cat([colsum.to(torch.float64).reshape(-1), diag.to(torch.float64).reshape(-1),
+                   count.to(torch.float64).reshape(-1)])
+    traffic.all_reduce(v)
+    return (v[:n].to(torch.float32).reshape(colsum.shape).contiguous(), v[2 * n:].round().to(torch.int64).reshape(count.shape),
+            v[n:2 * n].to(torch.float32).reshape(diag.shape))
 
 
 def collective_device() -> torch.device:
@@ -55,8 +101,8 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device, traffic: Traffic) -> bool:
     """True on every rank when ``flag`` is true on any rank (one all-reduce)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    traffic.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

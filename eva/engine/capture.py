@@ -247,7 +247,8 @@ class Capture:
         new = group.stats is None
         if new:
             group.stats = RunningStats(group.d, rows.device, self.centered, self._backend(rows.device),
-                                       distributed=self.state.distributed, name=group.leader)
+                                       traffic=self.state.traffic if self.state.distributed else None,
+                                       name=group.leader)
         elif group.stats.device != rows.device:
             raise EvaError(f"layer {name}: input moved from {group.stats.device} to {rows.device} between "
                            "batches; keep each layer on one device during EVA")

@@ -128,6 +128,8 @@ def _run_info(state: RunState) -> dict:
         "backends": dict(state.backends),
         "orthonormalization": state.orthonormalization,
         "distributed": state.distributed,
+        "communication": (state.traffic.summary(state.step, sum(4 * g.d * g.d for g in state.groups))
+                          if state.distributed else None),
         "eva_kernels_version": eva_kernels.__version__,
         "torch_version": torch.__version__,
     }

@@ -42,6 +42,9 @@ from .state import RunState
 from .tokens import move_inputs_to_device, token_mask
 from .variance_floor import apply_variance_floor
 
+#: ``Traffic.step`` of the collectives of the final solves.
+FINAL_SOLVES = -1
+
 #: Marker for the built-in model-input rule (:func:`eva.engine.tokens.token_mask` with the
 #: resolved label-mask settings): what the default ``prepare_model_inputs_fn`` is turned into.
 TOKEN_MASK = object()
@@ -105,7 +108,8 @@ class Engine:
         backend = topk_eigh_backend(self.opts.backend, device)
         method = eva_kernels.orthonormalization_for(device.type, self.opts.orthonormalization)
         self.state.orthonormalization = method
-        return Solver(self.opts, backend, method, self.state.distributed, device.type)
+        return Solver(self.opts, backend, method, self.state.traffic if self.state.distributed else None,
+                      device.type)
 
     def _in_play(self) -> List:
         """The groups whose convergence this run is deciding now (all of them)."""
@@ -183,7 +187,7 @@ class Engine:
         except StopIteration:
             batch, exhausted = None, True
         if self.state.distributed:
-            exhausted = dist_utils.any_rank(exhausted, dist_utils.collective_device())
+            exhausted = dist_utils.any_rank(exhausted, dist_utils.collective_device(), self.state.traffic)
         return None if exhausted else batch
 
     def _start(self, dataloader) -> Optional[int]:
@@ -203,6 +207,7 @@ class Engine:
         self.capture.attach_all_targets()
         try:
             while True:
+                state.traffic.step = state.step + 1  # collectives of this batch, its forward and its check
                 if limit is not None and state.step >= limit:
                     state.stop_reason = "max_steps"
                     break
@@ -230,6 +235,7 @@ class Engine:
             self.capture.remove_hooks()
             if bar is not None:
                 bar.close()
+        state.traffic.step = FINAL_SOLVES
         if self.solver is None and state.stats_device() is not None:  # fewer batches than check_every
             self.solver = self._make_solver()
         state.backends = self._backends_used()
@@ -278,8 +284,8 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
     if distributed:  # PEFT's warning, word for word, then how we combine the ranks
         warnings.warn("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
                       "initialization will gather tensors from all ranks. Ensure the model does not receive the "
-                      "same inputs on different ranks. (eva-kernels sums each layer's statistics over the ranks "
-                      "instead of gathering activations; pass gather_distributed_inputs=False for independent "
+                      "same inputs on different ranks. (eva-kernels keeps each rank's statistics on the rank and "
+                      "sums their products with the eigenbasis instead of gathering activations; pass gather_distributed_inputs=False for independent "
                       "per-rank runs.)")
     budget = memory_budget.resolve_budget(settings.options.memory_budget, _statistics_device(targets, device))
     state.memory_budget = budget

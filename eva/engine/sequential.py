@@ -49,7 +49,7 @@ from .block_probe import BlockProbe, compare_calls
 from .blocks import BlockCall, BlockList, BlockStubs
 from .capture import Capture
 from .finalize import build_result, polish_groups
-from .loop import Engine
+from .loop import FINAL_SOLVES, Engine
 from .state import RunState
 from .tokens import move_inputs_to_device
 
@@ -261,6 +261,7 @@ class LayerSequentialEngine(Engine):
 
     def _window_step(self, entry: CachedBatch, keep_until: int) -> None:
         state = self.state
+        state.traffic.step = entry.index + 1
         self.capture.begin_batch(entry.model_input)
         last = max(self.block_of[g.index] for g in self.window_groups if g.hooks.hooked)
         t0 = time.perf_counter()
@@ -300,6 +301,7 @@ class LayerSequentialEngine(Engine):
             g.hooks.unsolved = False  # the final solve below consumes what the last check did not
         if self.solver is None:
             self.solver = self._make_solver()
+        state.traffic.step = FINAL_SOLVES
         t0 = time.perf_counter()
         live = [g for g in window.groups if g.stats is not None]
         polish_groups(live, self.solver, state.step)

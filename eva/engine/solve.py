@@ -12,7 +12,7 @@ device and raises if a group saw NaN/Inf. Explained variance ratios are formed o
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -31,15 +31,17 @@ def _nan_error(members, step: int) -> EvaError:
                     "check the model's dtype (fp16 overflow?) and the data")
 
 
-def _finite(cov: Tensor, colsum: Tensor) -> Tensor:
+def _finite(diag: Tensor, colsum: Tensor) -> Tensor:
     """0-d bool on the statistic's device: colsum and the diagonal of cov are finite (a NaN/Inf
     token makes both non-finite, so the d^2 off-diagonal need not be read)."""
-    return torch.isfinite(colsum).all() & torch.isfinite(torch.diagonal(cov)).all()
+    return torch.isfinite(colsum).all() & torch.isfinite(diag).all()
 
 
-def batched_solves(option, device_type: str) -> bool:
-    """``EvaOptions.batch_solves`` resolved for statistics on ``device_type``."""
-    return device_type != "cpu" if option == "auto" else bool(option)
+def batched_solves(option, device_type: str, distributed: bool = False) -> bool:
+    """``EvaOptions.batch_solves`` resolved for statistics on ``device_type``: "auto" batches on
+    GPUs (launch-bound) and in distributed runs (one all-reduce per iteration and width instead
+    of one per group: collectives are latency-bound)."""
+    return (device_type != "cpu" or distributed) if option == "auto" else bool(option)
 
 
 class Solver:
@@ -49,18 +51,20 @@ class Solver:
         opts: the engine options (oversample, iters, seed, final_tol, final_max_iters).
         backend: the resolved :class:`eva_kernels.Backend` of ``topk_eigh``.
         orthonormalization: the algorithm between products (``eva_kernels.ORTHONORMALIZATIONS``).
-        distributed: sum each statistic over the ranks before solving.
+        traffic: in a distributed run, the rank's :class:`eva.distributed.Traffic`: the solves
+            all-reduce products with the statistics (never the statistics); None: one process.
         device_type: where the statistics live (``batch_solves="auto"`` batches on GPUs only).
     """
 
     def __init__(self, opts: EvaOptions, backend: eva_kernels.Backend, orthonormalization: str,
-                 distributed: bool, device_type: str = "cpu"):
+                 traffic: Optional[dist_utils.Traffic], device_type: str = "cpu"):
         self.opts = opts
         self.backend = backend
         self.orthonormalization = orthonormalization
-        self.distributed = distributed
+        self.traffic = traffic
+        self.distributed = traffic is not None
         #: whether streaming solves of groups sharing a shape go through ``topk_eigh_batched``
-        self.batched = batched_solves(opts.batch_solves, device_type) and not distributed
+        self.batched = batched_solves(opts.batch_solves, device_type, self.distributed)
 
     def solve_all(self, groups: List[GroupState], step: int) -> None:
         """Streaming solves of ``groups`` at ``step`` (batched where several share a shape)."""
@@ -80,7 +84,7 @@ class Solver:
                 self._solve_batch(members, step)
             except RuntimeError as exc:
                 for g in members:
-                    if not bool(_finite(g.stats.cov, g.stats.colsum)):
+                    if not bool(_finite(torch.diagonal(g.stats.cov), g.stats.colsum)):
                         raise _nan_error(g.members, step) from exc
                 raise
 
@@ -88,14 +92,19 @@ class Solver:
         opts = self.opts
         stats = [g.stats for g in groups]
         centred = stats[0].centered
-        res = eva_kernels.topk_eigh_batched(
-            [s.cov for s in stats], groups[0].max_components,
-            colsums=[s.colsum for s in stats] if centred else None, counts=[s.count for s in stats] if centred else None,
-            inits=[g.estimate.basis for g in groups], oversample=opts.oversample, iters=opts.iters,
-            seed=opts.seed + step, orthonormalization=self.orthonormalization, max_batch_bytes=opts.solve_batch_bytes)
         diag = torch.stack([torch.diagonal(s.cov) for s in stats])
         colsum = torch.stack([s.colsum for s in stats])
         count = torch.stack([s.count for s in stats])
+        reduce = None
+        if self.distributed:  # one all-reduce of every group's vectors, then one per iteration
+            colsum, count, diag = dist_utils.reduced_vectors(colsum, count, diag, self.traffic)
+            reduce = self.traffic.all_reduce
+        res = eva_kernels.topk_eigh_batched(
+            [s.cov for s in stats], groups[0].max_components,
+            colsums=list(colsum) if centred else None, counts=list(count) if centred else None,
+            inits=[g.estimate.basis for g in groups], oversample=opts.oversample, iters=opts.iters,
+            seed=opts.seed + step, orthonormalization=self.orthonormalization, max_batch_bytes=opts.solve_batch_bytes,
+            reduce=reduce)
         shifts = [s.shift for s in stats]
         shift = torch.stack(shifts) if centred and all(x is not None for x in shifts) else None
         var = variance_terms_batched(centred, diag, colsum, count, shift)
@@ -126,18 +135,20 @@ class Solver:
         try:
             self._solve(group, step, final)
         except RuntimeError as exc:
-            if not bool(_finite(group.stats.cov, group.stats.colsum)):
+            if not bool(_finite(torch.diagonal(group.stats.cov), group.stats.colsum)):
                 raise _nan_error(group.members, step) from exc
             raise
 
     def _solve(self, group: GroupState, step: int, final: bool) -> None:
         stats, est, opts = group.stats, group.estimate, self.opts
-        cov, colsum, count = stats.cov, stats.colsum, stats.count
-        if self.distributed:
-            cov, colsum, count = dist_utils.reduced_stats(cov, colsum, count)
+        cov, colsum, count, diag = stats.cov, stats.colsum, stats.count, torch.diagonal(stats.cov)
+        reduce = None
+        if self.distributed:  # sketches, not the statistic: see eva.distributed
+            colsum, count, diag = dist_utils.reduced_vectors(colsum, count, diag, self.traffic)
+            reduce = self.traffic.all_reduce
         c_sum, c_cnt = stats.centring(colsum, count)
         common = dict(colsum=c_sum, count=c_cnt, init=est.basis, oversample=opts.oversample, return_basis=True,
-                      backend=self.backend, orthonormalization=self.orthonormalization)
+                      backend=self.backend, orthonormalization=self.orthonormalization, reduce=reduce)
         if final:  # polish to a residual tolerance, warm-started from the streaming basis
             res = eva_kernels.topk_eigh(cov, group.max_components, iters=1, seed=opts.seed, tol=opts.final_tol,
                                         max_iters=opts.final_max_iters, **common)
@@ -145,9 +156,9 @@ class Solver:
             res = eva_kernels.topk_eigh(cov, group.max_components, iters=opts.iters, seed=opts.seed + step, **common)
         pending = {
             "eig": res.eigenvalues.to(torch.float64),
-            "var": stats.variance_terms(cov, colsum, count),
+            "var": stats.variance_terms(diag, colsum, count),
             "count": count.to(torch.float64).reshape(1),
-            "finite": _finite(cov, colsum).to(torch.float64).reshape(1),
+            "finite": _finite(diag, colsum).to(torch.float64).reshape(1),
         }
         if est.components is not None and not final:
             pending["cos"] = eva_kernels.component_cosines(est.components, res.eigenvectors).to(torch.float64)

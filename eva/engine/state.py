@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..distributed import Traffic
 from .statistics import RunningStats
 
 
@@ -113,6 +114,7 @@ class RunState:
     memory_budget: Optional[int] = None   # bytes the statistics may hold (None: unbounded)
     windows: List[Dict[str, Any]] = field(default_factory=list)  # layer-sequential windows, as run
     peak_cache_bytes: int = 0             # peak bytes of cached block inputs (layer-sequential)
+    traffic: Traffic = field(default_factory=Traffic)  # this rank's collectives (distributed runs)
 
     @classmethod
     def for_targets(cls, targets: List[Any], distributed: bool) -> "RunState":

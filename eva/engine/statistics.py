@@ -21,21 +21,23 @@ from torch import Tensor
 
 import eva_kernels
 
-from ..distributed import global_mean, masked_sum_and_count
+from ..distributed import Traffic, global_mean, masked_sum_and_count
 
 
 class RunningStats:
     """``cov``/``colsum``/``count``/``shift`` of one group (see the module docstring).
 
     ``backend`` is the resolved :class:`eva_kernels.Backend` of ``cov_update`` (resolved once
-    per run and device by the engine). ``distributed``: the shift is the mean over all ranks.
+    per run and device by the engine). ``traffic``: a distributed run's
+    :class:`eva.distributed.Traffic` (the shift is then the mean over all ranks); None: one process.
     """
 
     def __init__(self, d: int, device: torch.device, centered: bool, backend: eva_kernels.Backend,
-                 distributed: bool = False, name: str = ""):
+                 traffic: Optional[Traffic] = None, name: str = ""):
         self.name = name  # the group's leader layer (for messages and inspection)
         self.d = d
-        self.distributed = distributed
+        self.traffic = traffic
+        self.distributed = traffic is not None
         self.centered = centered
         self.backend = backend
         self.device = torch.device(device)
@@ -50,7 +52,7 @@ class RunningStats:
             self.shift = None
             return
         if self.distributed:
-            self.shift = torch.nan_to_num(global_mean(x, mask), nan=0.0, posinf=0.0, neginf=0.0)
+            self.shift = torch.nan_to_num(global_mean(x, mask, self.traffic), nan=0.0, posinf=0.0, neginf=0.0)
             return
         if mask is None:
             xf = x.to(torch.float32)
@@ -93,15 +95,16 @@ class RunningStats:
         """(colsum, count) arguments of ``topk_eigh`` for the chosen mode."""
         return (colsum, count) if self.centered else (None, None)
 
-    def variance_terms(self, cov: Tensor, colsum: Tensor, count: Tensor) -> Tensor:
+    def variance_terms(self, diag: Tensor, colsum: Tensor, count: Tensor) -> Tensor:
         """(3,) float64 ``[V, S, R]`` for the zero-variance test (no sync; see :mod:`eva.variance_floor`).
 
         ``S = trace(cov) = sum ||x_i - s||^2`` (what was accumulated about the shift ``s``),
         ``V = S - ||colsum||^2 / n`` the total variance (centred mode; ``V = S`` uncentred),
         ``R = S + 2 s . colsum + n ||s||^2 = sum ||x_i||^2`` the raw energy of the tokens.
-        ``cov``/``colsum``/``count`` may be the rank-summed ones of a distributed run.
+        ``diag`` (d,) is the diagonal of ``cov``; ``diag``/``colsum``/``count`` may be the
+        rank-summed ones of a distributed run.
         """
-        return variance_terms_batched(self.centered, torch.diagonal(cov)[None], colsum[None], count.reshape(1),
+        return variance_terms_batched(self.centered, diag[None], colsum[None], count.reshape(1),
                                       None if self.shift is None else self.shift[None])[0]
 
 

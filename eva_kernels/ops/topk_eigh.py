@@ -24,7 +24,7 @@ chosen by ``orthonormalization``, never by the backend) and the small eigh are s
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -80,7 +80,8 @@ def _check_args(cov: Tensor, k: int, colsum, count, init, oversample, iters) -> 
 def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=None,
               init: Optional[Tensor] = None, oversample: int = 8, iters: int = 2, seed: int = 0,
               tol: Optional[float] = None, max_iters: int = 64, return_basis: bool = False,
-              backend: Union[str, Backend, None] = None, orthonormalization: str = "auto"):
+              backend: Union[str, Backend, None] = None, orthonormalization: str = "auto",
+              reduce: Optional[Callable[[Tensor], Tensor]] = None):
     """Top-``k`` eigenpairs of a symmetric PSD matrix given by its upper triangle.
 
     Args:
@@ -100,6 +101,14 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
             (``available_backends(device, "topk_eigh")``); default ``EVA_BACKEND`` or auto.
         orthonormalization: ``"householder"``, ``"cholesky_qr3"`` or ``"auto"`` (by device:
             :func:`eva_kernels.linalg.orthonormalization_for`).
+        reduce: solve for a matrix held in parts, ``A = sum_r sym(cov_r) - c c^T / n``, without
+            forming it: every product with the local part (``sym(cov) Q``, (d, b), one per
+            iteration; ``sym(cov)`` itself only when ``b == d``) is passed to ``reduce``, which
+            must return the sum over the parts (e.g. ``torch.distributed.all_reduce`` in place,
+            returning its argument). ``colsum``/``count`` must then be the global sums, and
+            every participant must call with the same ``init``, ``seed`` and options: each
+            computes the same basis from the same reduced products, so no ``d x d`` matrix is
+            communicated.
 
     Returns:
         ``EighResult(eigenvalues (k,) descending, eigenvectors (k, d))`` in cov's dtype, or
@@ -117,7 +126,8 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
     method = orthonormalization_for(cov.device.type, orthonormalization)
     if b == d:  # the block is the whole space: exact dense solve
         eye = torch.eye(d, dtype=dtype, device=cov.device)
-        a_c = subtract_centering(sym_from_upper(cov) @ eye, eye, colsum, count)
+        full = sym_from_upper(cov) @ eye
+        a_c = subtract_centering(full if reduce is None else reduce(full), eye, colsum, count)
         vals, vecs = torch.linalg.eigh(0.5 * (a_c + a_c.mT))
         vals, vecs = vals.flip(0), vecs.flip(1)
         return _finish(vals, vecs, k, return_basis)
@@ -131,7 +141,10 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
     done = 0
     limit = max(iters, 1) if tol is None else max(max_iters, iters, 1)
     while True:
-        y = products.matmul(operand, q, colsum, count)
+        if reduce is None:
+            y = products.matmul(operand, q, colsum, count)
+        else:  # centre after the sum: the rank-one term is global
+            y = subtract_centering(reduce(products.matmul(operand, q, None, None)), q, colsum, count)
         done += 1
         if tol is not None and done >= max(iters, 1):
             vals, vecs, ay_ok = _ritz(q, y, k, tol)

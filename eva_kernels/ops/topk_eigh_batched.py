@@ -22,7 +22,7 @@ the full symmetric copy, whatever backend the per-matrix solver would use.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -71,7 +71,8 @@ def _check(covs, k, colsums, counts, inits, oversample, iters) -> None:
 def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Sequence[Tensor]] = None,
                       counts: Optional[Sequence[Tensor]] = None, inits: Optional[Sequence[Optional[Tensor]]] = None,
                       oversample: int = 8, iters: int = 2, seed: int = 0, orthonormalization: str = "auto",
-                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> List[EighBasis]:
+                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+                      reduce: Optional[Callable[[Tensor], Tensor]] = None) -> List[EighBasis]:
     """Top-``k`` eigenpairs of each of ``G`` symmetric PSD matrices given by their upper triangles.
 
     Args:
@@ -82,6 +83,9 @@ def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Seque
         inits: per matrix, ``None`` or (m, d) rows of a previous estimate (warm start).
         oversample, iters, seed, orthonormalization: as in :func:`eva_kernels.topk_eigh`.
         max_batch_bytes: bound on a chunk's transient memory (see the module docstring).
+        reduce: as in :func:`eva_kernels.topk_eigh` (matrices held in parts, products summed):
+            called once per iteration and chunk on the stacked products (G, d, b), so a
+            distributed solve of G matrices is one all-reduce per iteration, not G.
 
     Returns:
         one :class:`~eva_kernels.ops.topk_eigh.EighBasis` per matrix, in order: eigenvalues (k,)
@@ -98,11 +102,12 @@ def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Seque
         hi = min(len(covs), lo + per)
         out.extend(_solve_chunk(covs[lo:hi], k, b, None if colsums is None else colsums[lo:hi],
                                 None if counts is None else counts[lo:hi], None if inits is None else inits[lo:hi],
-                                iters, seed, method, d, dtype, device))
+                                iters, seed, method, d, dtype, device, reduce))
     return out
 
 
-def _solve_chunk(covs, k, b, colsums, counts, inits, iters, seed, method, d, dtype, device) -> List[EighBasis]:
+def _solve_chunk(covs, k, b, colsums, counts, inits, iters, seed, method, d, dtype, device,
+                 reduce=None) -> List[EighBasis]:
     g = len(covs)
     a = _symmetric_stack(covs)                                              # (G, d, d)
     c = n = None
@@ -112,6 +117,8 @@ def _solve_chunk(covs, k, b, colsums, counts, inits, iters, seed, method, d, dty
 
     def operator(q: Tensor) -> Tensor:                                      # (G, d, b) -> (G, d, b)
         y = torch.bmm(a, q)
+        if reduce is not None:  # the sum over the parts, before the (global) centring
+            y = reduce(y)
         if c is None:
             return y
         ctq = torch.bmm(c.unsqueeze(1), q) / n.reshape(g, 1, 1)             # (G, 1, b)

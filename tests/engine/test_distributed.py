@@ -9,6 +9,8 @@ shard of the batches (rank 0 the even ones, rank 1 the odd ones). Every worker r
 * ``local``:   gather_distributed_inputs=False (each rank on its own shard, no collective);
 * ``sequential``: gathered, tau=1.0, a memory budget of one decoder layer's statistics
   (layer-sequential: both ranks run the same windows in lockstep);
+* ``per_group``: gathered, tau=1.0, ``batch_solves=False`` (by default distributed runs solve
+  the groups of one width together: one all-reduce per iteration and width);
 
 and saves each result with ``EvaStateDict.save`` into a temporary folder. The test process
 then checks (a) both ranks agree, (b) the gathered run equals a single-process run on
@@ -52,6 +54,7 @@ RUNS = {  # name -> (gather_distributed_inputs, tau, engine options)
     "gather": (True, 1.0, {}),
     "local": (False, 0.99, {}),
     "sequential": (True, 1.0, {"memory_budget": ONE_LAYER}),
+    "per_group": (True, 1.0, {"batch_solves": False}),  # one solve (and its all-reduces) per group
 }
 
 
@@ -116,8 +119,8 @@ def _worker(rank: int, port: int, out_dir: str, queue) -> None:
         batches = shard(rank)
         info = {"checksum": param_checksum(model)}
         # token counts past 2**24 (float32's exact-integer range), summed over ranks
-        from eva.distributed import reduced_stats
-        _, _, count = reduced_stats(torch.zeros(2, 2), torch.zeros(2), torch.tensor(BIG_COUNT))
+        from eva.distributed import Traffic, reduced_vectors
+        _, count, _ = reduced_vectors(torch.zeros(2), torch.tensor(BIG_COUNT), torch.zeros(2), Traffic())
         info["reduced_count"] = int(count)
         info["warned"] = {}
         for name, (gather, tau, options) in RUNS.items():
@@ -292,6 +295,18 @@ def test_gathered_equals_single_process_on_concatenated_batches(dist_results):
     assert_same_pca(r0, single)
 
 
+def test_per_group_solves_equal_single_process_on_concatenated_batches(dist_results):
+    r0, r1 = dist_results["per_group"]
+    assert "topk_eigh_batched" not in r0.metadata["run"]["backends"]
+    assert "topk_eigh_batched" in dist_results["gather"][0].metadata["run"]["backends"]
+    single, _ = run_eva(build_model(), concatenated(), 1.0)
+    assert_same_pca(r0, single)
+    assert r0.ranks == single.ranks == r1.ranks
+    # the same bytes per step, in more calls
+    a, b = r0.metadata["run"]["communication"], dist_results["gather"][0].metadata["run"]["communication"]
+    assert a["bytes_per_step"] == b["bytes_per_step"] and a["calls"] > b["calls"]
+
+
 def test_layer_sequential_equals_single_process_on_concatenated_batches(dist_results):
     """A memory budget of one layer: windows in lockstep on both ranks, statistics summed."""
     r0, r1 = dist_results["sequential"]
@@ -325,3 +340,26 @@ def test_peft_distributed_warning_only_when_gathering(dist_results):
     """PEFT warns when statistics are combined over ranks; we keep its words (matched in logs)."""
     for info in dist_results["info"]:
         assert info["warned"] == {name: gather for name, (gather, _, _) in RUNS.items()}
+
+
+def test_only_products_with_the_statistics_travel(dist_results):
+    """Per step each group all-reduces ``iters`` products (d x b fp32) and one vector (colsum,
+    diagonal, count: 2d + 1 fp64); the first step adds the shift's sum and count ((d + 1) fp32);
+    every step the 4-byte loader flag. Never a d x d statistic (the full-statistic figure is what
+    that would have moved)."""
+    iters, oversample = 2, 8  # the engine's defaults
+    for sd in dist_results["gather"]:
+        comm = sd.metadata["run"]["communication"]
+        widths = [sd.metadata["layers"][g[0]]["in_features"] for g in sd.metadata["groups"]]
+        k = max(info["max_components"] for info in sd.metadata["layers"].values())
+        solves = sum(iters * d * min(d, k + oversample) * 4 + (2 * d + 1) * 8 for d in widths)
+        shift = sum((d + 1) * 4 for d in widths)
+        steps = comm["bytes_per_step"]
+        assert len(steps) == N_BATCHES // WORLD
+        assert steps[0] == 4 + shift + solves
+        assert all(n == 4 + solves for n in steps[1:]), steps
+        assert comm["bytes_final_solves"] > 0
+        assert comm["bytes_total"] == sum(steps) + comm["bytes_final_solves"] + 4  # + the flag that ended the run
+        assert comm["full_statistics_bytes_per_step"] == sum(4 * d * d for d in widths)
+        assert comm["collective_seconds"] > 0 and comm["calls"] > 0
+    assert dist_results["local"][0].metadata["run"]["communication"] is None
