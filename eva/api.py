@@ -15,6 +15,7 @@ import torch
 from .config import resolve_settings
 from .engine import TOKEN_MASK, EvaObserver, run_eva
 from .engine.finalize import empty_result
+from .distributed import unwrap_data_parallel
 from .errors import EvaError
 from .peft.inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
                           prepare_model_inputs_fn_language_modeling)
@@ -74,6 +75,7 @@ def get_eva_state_dict(
         :class:`eva.EvaStateDict`: ``{name: (rank, in_features) fp32}`` (rank-0 layers included
         as empty tensors, as PEFT does) with ``.metadata``.
     """
+    model = unwrap_data_parallel(model)  # DDP / DataParallel: the model inside (names without "module.")
     is_peft_model = hasattr(model, "peft_config")
     if is_peft_model and peft_config is None:
         if adapter_name not in model.peft_config:
@@ -118,6 +120,7 @@ def initialize_lora_eva_weights(
     their base layers), ``rank_pattern`` / ``alpha_pattern`` / ``target_modules`` updated,
     alpha scaled by ``new_rank / r`` when ``adjust_scaling_factors``. Returns the model.
     """
+    wrapped, model = model, unwrap_data_parallel(model)
     if not hasattr(model, "peft_config"):
         raise EvaError("model must be a PeftModel; wrap it with peft.get_peft_model(model, LoraConfig("
                        "init_lora_weights='eva', ...)) first")
@@ -140,4 +143,4 @@ def initialize_lora_eva_weights(
             gather_distributed_inputs=gather_distributed_inputs, show_progress_bar=show_progress_bar,
             observers=observers, **options)
     load_eva_into_peft_model(model, eva_state_dict, adapter_name)
-    return model
+    return wrapped

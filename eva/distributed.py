@@ -14,7 +14,9 @@ spent in collectives; the run's metadata reports it.
 """
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -22,9 +24,27 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+_warned_no_group = False
+
+
 def active(gather_distributed_inputs: bool) -> bool:
-    """True when the run sums statistics over the ranks of an initialised process group."""
-    return bool(gather_distributed_inputs) and dist.is_available() and dist.is_initialized()
+    """True when the run sums statistics over the ranks of an initialised process group.
+
+    ``gather_distributed_inputs=True`` (PEFT's default) without a process group runs on one
+    process; when the environment says this process is one of several (``WORLD_SIZE > 1``, as
+    ``torchrun`` sets it), that is almost surely a mistake, and a warning says so, once.
+    """
+    global _warned_no_group
+    if not gather_distributed_inputs:
+        return False
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not _warned_no_group and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _warned_no_group = True
+        warnings.warn(f"EVA: WORLD_SIZE={os.environ['WORLD_SIZE']} but torch.distributed is not initialised, so this "
+                      "process runs EVA alone on its own data; call torch.distributed.init_process_group() first "
+                      "to combine the ranks (or pass gather_distributed_inputs=False to silence this)")
+    return False
 
 
 class Traffic:
@@ -106,3 +126,61 @@ def any_rank(flag: bool, device: torch.device, traffic: Traffic) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     traffic.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def unwrap_data_parallel(model):
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (hooks and names then
+    refer to the model itself: ``layers.0...``, not ``module.layers.0...``); other models as is.
+
+    EVA's forwards run under ``no_grad`` in eval mode, where the wrapper adds nothing but its
+    own collectives; FSDP2 (``fully_shard``) keeps the model's class and names and is used as is.
+    """
+    from torch.nn import DataParallel
+    from torch.nn.parallel import DistributedDataParallel
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    """Where two plain structures (dicts, lists, scalars) first differ, as ``path: a vs b``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+        if len(a) != len(b):
+            return f"{path}: {len(b)} entries vs {len(a)}"
+    return f"{path}: {b!r} vs {a!r}"
+
+
+def check_ranks_agree(fingerprint: dict) -> None:
+    """Raise on every rank, naming the first difference, unless every rank passes an equal
+    ``fingerprint`` (target layers and widths, EVA settings, engine options): one
+    ``all_gather_object`` before the first forward, so that a mismatch cannot hang a collective."""
+    from .errors import EvaError
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, fingerprint)
+    for rank, other in enumerate(gathered):
+        if other != gathered[0]:
+            raise EvaError(f"ranks disagree before EVA's first forward: rank {rank} vs rank 0 differ in "
+                           f"{_first_difference(gathered[0], other)}; run the same model, target_modules, EVA "
+                           "config and options on every rank")
+
+
+def agreed_min(value: int, device: torch.device, traffic: Traffic) -> int:
+    """The smallest of the ranks' ``value`` (e.g. an ``"auto"`` memory budget: free memory differs)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    traffic.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def ranks_with_data(has_batch: bool, device: torch.device, traffic: Traffic) -> list:
+    """Which ranks have a batch this step (one all-reduce of a one-hot vector)."""
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.float32, device=device)
+    flags[dist.get_rank()] = 1.0 if has_batch else 0.0
+    traffic.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f > 0]

@@ -1,7 +1,8 @@
 """What a distributed EVA run communicates: 2 gloo ranks on this CPU, sketches vs full statistics.
 
-Setting (issue 11): two processes (``torch.distributed`` with gloo on 127.0.0.1, one thread
-each), each with its own shard of the data, ``gather_distributed_inputs=True``. Cases:
+Setting (issue 11): ``--nproc`` processes (2; ``torch.distributed`` with gloo on 127.0.0.1, one
+thread each; with ``--device cuda`` NCCL, one GPU per rank), each with its own shard of the data,
+``gather_distributed_inputs=True``. Cases:
 
 * ``minilm``: the demo: bundled MiniLM, the bundled calibration text split between the ranks
   (every line used once), batches of 4 x <= 128 tokens, r=8, rho=2, the demo's targets;
@@ -18,6 +19,7 @@ step <= 1% of the full statistics; collectives <= 5% of wall time.
 Run from the repository root:
     python -m benches.engine.bench_distributed [--cases minilm,llama8b-slice] [--layers 2] [--batches 4]
     python -m benches.engine.bench_distributed --quick   (MiniLM only, 6 batches per rank)
+    python -m benches.engine.bench_distributed --device cuda --nproc 8   (a multi-GPU machine, NCCL)
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ from datetime import timedelta
 from benches import harness
 
 SCRIPT = "python -m benches.engine.bench_distributed"
-WORLD = 2
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -42,17 +43,19 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the 8B-shaped slice")
     p.add_argument("--batches", type=int, default=4, help="batches per rank of the 8B-shaped slice")
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: NCCL, GPU i for rank i")
     return p.parse_args(argv)
 
 
-def _minilm(rank: int, limit):
+def _minilm(rank: int, world: int, limit):
     from transformers import AutoModel, AutoTokenizer
     from benches.engine.common import lora_eva_config
     from eva.cli.arguments import DEMO_TARGETS
     from eva.cli.text_data import TextBatches, bundled_calibration_path, bundled_model_path, read_lines
     path = bundled_model_path()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    lines = read_lines(bundled_calibration_path())[rank::WORLD]  # every line on one rank
+    lines = read_lines(bundled_calibration_path())[rank::world]  # every line on one rank
     batches = list(TextBatches(tok, lines, batch_size=4, max_length=128))[:limit]
     return model, batches, lora_eva_config(DEMO_TARGETS.split(","), 8, 2.0, 0.99)
 
@@ -77,19 +80,29 @@ def _worker(rank: int, port: int, case: str, args, out_dir: str) -> None:
     import torch.distributed as dist
     import eva
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=600))
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.nproc, timeout=timedelta(seconds=600))
     try:
         if case == "minilm":
-            model, batches, cfg = _minilm(rank, 6 if args.quick else None)
+            model, batches, cfg = _minilm(rank, args.nproc, 6 if args.quick else None)
         else:
             model, batches, cfg = _llama_slice(rank, args.layers, args.batches, args.seq)
+        if cuda:
+            from eva.engine.tokens import move_inputs_to_device
+            model = model.to(f"cuda:{rank}")
+            batches = [move_inputs_to_device(b, torch.device(f"cuda:{rank}")) for b in batches]
         dist.barrier()
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sd = eva.get_eva_state_dict(model, batches, cfg, show_progress_bar=False)
+        if cuda:
+            torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         run = sd.metadata["run"]
         record = {"rank": rank, "wall_seconds": wall, "steps": run["steps"], "stop_reason": run["stop_reason"],
@@ -109,9 +122,9 @@ def _free_port() -> int:
 def run_case(case: str, args) -> list:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(_free_port(), case, args, tmp), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(_worker, args=(_free_port(), case, args, tmp), nprocs=args.nproc, start_method="spawn")
         records = []
-        for r in range(WORLD):
+        for r in range(args.nproc):
             with open(os.path.join(tmp, f"{case}_rank{r}.json")) as fh:
                 records.append(json.load(fh))
     return records
@@ -135,13 +148,15 @@ def main(argv=None):
     cases = ["minilm"] if args.quick else [c.strip() for c in args.cases.split(",") if c.strip()]
     rows, raw = [], {}
     for case in cases:
-        print(f"{SCRIPT}: {case} on {WORLD} gloo ranks ...", flush=True)
+        print(f"{SCRIPT}: {case} on {args.nproc} {'NCCL' if args.device == 'cuda' else 'gloo'} ranks ...", flush=True)
         raw[case] = run_case(case, args)
         rows.append(summarize(case, raw[case]))
-    payload = {"environment": harness.environment("cpu"), "world_size": WORLD,
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    payload = {"environment": harness.environment(args.device), "world_size": args.nproc, "backend": backend,
                "setting": {k: getattr(args, k) for k in ("layers", "batches", "seq")}, "rows": rows, "ranks": raw}
-    out = args.out or harness.default_out("distributed_gloo2", "cpu", partial=args.quick)
-    harness.report(out, payload, rows, list(rows[0]), title="2 gloo ranks: bytes all-reduced (sketches)")
+    out = args.out or harness.default_out(f"distributed_{backend}{args.nproc}", args.device, partial=args.quick)
+    harness.report(out, payload, rows, list(rows[0]),
+                   title=f"{args.nproc} {backend} ranks: bytes all-reduced (sketches)")
 
 
 if __name__ == "__main__":

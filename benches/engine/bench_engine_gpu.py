@@ -29,6 +29,8 @@ writing the JSON. Writes ``benches/results/engine_gpu_<gpu>.json``.
 Run from the repository root:
     python -m benches.engine.bench_engine_gpu [--model small|8b-shape] [--with-peft] [--quick]
     python -m benches.engine.bench_engine_gpu --dry-run    (smoke test: tiny model on CPU, Triton interpreter)
+    python -m benches.engine.bench_engine_gpu --nproc 8    (a multi-GPU machine: benches.engine.bench_distributed
+                                                            --device cuda, NCCL, one GPU per rank)
 """
 from __future__ import annotations
 
@@ -67,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--with-peft", action="store_true", help="also time PEFT's get_eva_state_dict (slow)")
     p.add_argument("--peft-max-steps", type=int, default=40, help="cap on PEFT's forward passes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks on a multi-GPU machine: > 1 runs benches.engine.bench_distributed's 8B-shaped "
+                        "slice with NCCL, one GPU per rank (bytes all-reduced, time in collectives)")
     p.add_argument("--batch-solves", default="auto",
                    help="comma list of EVA batch_solves settings to run per backend: auto (batched on "
                         "GPUs), on, off (one solve per group); e.g. on,off to compare")
@@ -170,6 +175,14 @@ def attempt(rows, failed, name, method, fn):
 # ------------------------------------------------------------------ main --------------------------
 def main(argv=None):
     args = parse_args(argv)
+    if args.nproc > 1:  # the distributed bench on the GPUs (gloo on CPU with --dry-run)
+        from benches.engine import bench_distributed
+        dist_args = ["--cases", "llama8b-slice", "--nproc", str(args.nproc), "--layers", str(args.layers or 2)]
+        if args.dry_run:
+            dist_args += ["--seq", "32", "--batches", "2", "--out", harness.default_out("distributed_dry", "cpu", True)]
+        else:
+            dist_args += ["--device", "cuda"]
+        return bench_distributed.main(dist_args + (["--out", args.out] if args.out else []))
     dev = harness.gpu_device(args, SCRIPT)  # before eva_kernels (and triton) are imported
     if args.dry_run:
         args.batches, args.batch_size, args.seq, args.r = min(args.batches, 3), 2, 24, 4

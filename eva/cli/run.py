@@ -51,19 +51,34 @@ def _compute(model, loader, plan: Plan, quiet: bool):
 
 
 def run_command(args, model_path: str, data_path: str) -> int:
-    """``eva init`` / ``eva demo``: check everything, load, compute, print, save (and plot)."""
-    from .text_data import TextBatches
+    """``eva init`` / ``eva demo``: check everything, load, compute, print, save (and plot).
+
+    Under ``torchrun`` (:mod:`.launch`) every rank computes on its share of the lines and only
+    rank 0 prints and writes.
+    """
+    from .launch import ranks
     plan = check_inputs(args, model_path, data_path)
+    with ranks(plan.device) as me:
+        plan.device = me.device(plan.device)
+        return _run_ranked(args, plan, model_path, data_path, me)
+
+
+def _run_ranked(args, plan: Plan, model_path: str, data_path: str, me) -> int:
+    from .text_data import TextBatches
+    quiet = args.quiet or not me.is_main
     t_load = time.perf_counter()
-    tokenizer, model = _load(plan, args.dtype, args.quiet)
-    loader = TextBatches(tokenizer, plan.lines, batch_size=args.batch_size, max_length=args.max_length)
+    tokenizer, model = _load(plan, args.dtype, quiet)
+    loader = TextBatches(tokenizer, me.shard(plan.lines), batch_size=args.batch_size, max_length=args.max_length)
     load_s = time.perf_counter() - t_load
-    sd, elapsed, notes = _compute(model, loader, plan, args.quiet)
+    sd, elapsed, notes = _compute(model, loader, plan, quiet)
+    if not me.is_main:
+        return 0
     print(sd.summary())
     for w in notes:
         print(f"note: {w.message}")
     run = sd.metadata["run"]
-    print(f"\nmodel {model_path}\ndata {data_path}: {len(plan.lines)} lines, batch {args.batch_size} x <= "
+    shards = f" dealt to {me.world} ranks" if me.world > 1 else ""
+    print(f"\nmodel {model_path}\ndata {data_path}: {len(plan.lines)} lines{shards}, batch {args.batch_size} x <= "
           f"{args.max_length} tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} ("
           f"{', '.join(f'{op} {name}' for op, name in run['backends'].items())}, {run['orthonormalization']} "
           f"QR): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
@@ -73,6 +88,13 @@ def run_command(args, model_path: str, data_path: str) -> int:
         from ..sizes import format_bytes
         print(f"layer-sequential within memory_budget {format_bytes(run['memory_budget'])}: {len(run['windows'])} "
               f"windows of blocks, block inputs cached {run['peak_cache_bytes'] / 2**20:.1f} MiB")
+    comm = run.get("communication")
+    if comm:
+        steps = comm["bytes_per_step"]
+        print(f"{me.world} ranks: {comm['bytes_total'] / 2**20:.1f} MiB all-reduced per rank "
+              f"({sum(steps) / max(len(steps), 1) / 2**20:.2f} MiB per step, all-reducing the statistics would be "
+              f"{comm['full_statistics_bytes_per_step'] / 2**20:.1f} MiB), {comm['collective_seconds']:.2f} s in "
+              "collectives")
     print(f"wrote {sd.save(args.out)}")
     if args.plot:
         from .plot import plot_ranks

@@ -80,6 +80,7 @@ class Engine:
         self.observer = observer
         self.show_progress_bar = show_progress_bar
         self.solver: Optional[Solver] = None
+        self._fetched = False  # whether a batch was fetched yet (the first step's rank check)
 
     # ---------------------------------------------------------------- one step -------------
     def _model_input(self, batch):
@@ -154,8 +155,8 @@ class Engine:
         state.forward_seconds += time.perf_counter() - tf
         if self.capture.discovering:
             self.capture.finish_discovery()
-        for g in state.groups:
-            if g.hooks.captured:
+        for g in state.groups:  # distributed: the hooked groups, captured on some rank (lockstep)
+            if g.hooks.captured or (state.distributed and g.hooks.hooked):
                 g.estimate.steps += 1
                 g.hooks.unsolved = True
         state.step += 1
@@ -180,21 +181,48 @@ class Engine:
 
     # ---------------------------------------------------------------- main loop ------------
     def _next_batch(self, it):
-        """The next batch, or None when the loader is exhausted (on any rank, when distributed)."""
+        """``(batch, ranks)``: this rank's next batch (None: its loader is exhausted) and how many
+        ranks have one this step (1 or 0 on one process).
+
+        Distributed: one all-reduce says which ranks have data. A rank without a batch at the
+        first step raises on every rank (the first forward finds the groups and the shift, with
+        collectives inside it); later, a rank whose loader ran out takes idle steps in lockstep.
+        """
         try:
             batch = next(it)
-            exhausted = False
         except StopIteration:
-            batch, exhausted = None, True
-        if self.state.distributed:
-            exhausted = dist_utils.any_rank(exhausted, dist_utils.collective_device(), self.state.traffic)
-        return None if exhausted else batch
+            batch = None
+        if not self.state.distributed:
+            return batch, int(batch is not None)
+        have = dist_utils.ranks_with_data(batch is not None, dist_utils.collective_device(), self.state.traffic)
+        if not self._fetched and have:
+            missing = [r for r in range(torch.distributed.get_world_size()) if r not in have]
+            if missing:
+                raise EvaError(f"rank(s) {missing} have no batch at EVA's first step while rank(s) {have} do: every "
+                               "rank needs at least one batch (the first forward finds the layer groups and the "
+                               "centring shift, with collectives inside it); shard the data so that each rank gets "
+                               "some, or run on fewer ranks")
+        self._fetched = True
+        return batch, len(have)
+
+    def _idle_step(self) -> None:
+        """A step of a distributed run on a rank whose loader ran out: no forward, no tokens; the
+        hooked groups' solves (which all-reduce) and decisions in lockstep with the other ranks."""
+        state = self.state
+        for g in state.groups:
+            if g.hooks.hooked:
+                g.estimate.steps += 1
+                g.hooks.unsolved = True
+        state.step += 1
+        if state.step % self.opts.check_every == 0:
+            self._check()
+        self.observer.on_step(state.step, state)
 
     def _start(self, dataloader) -> Optional[int]:
         """Start the clock; the loader's length (None: unsized), refusing an empty loader."""
         self.state.started = time.perf_counter()
         total_len = len(dataloader) if hasattr(dataloader, "__len__") else None
-        if total_len == 0:
+        if total_len == 0 and not self.state.distributed:  # distributed: decided with the other ranks
             raise EvaError("dataloader is empty: EVA needs at least one batch")
         return total_len
 
@@ -211,12 +239,18 @@ class Engine:
                 if limit is not None and state.step >= limit:
                     state.stop_reason = "max_steps"
                     break
-                batch = self._next_batch(it)
-                if batch is None:
+                batch, ranks = self._next_batch(it)
+                if ranks == 0:
                     if state.step == 0:
                         raise EvaError("dataloader yielded no batch: EVA needs at least one batch")
                     state.stop_reason = "exhausted"
                     break
+                if batch is None:  # distributed: this rank's data ran out, the others' did not
+                    self._idle_step()
+                    if state.all_settled():
+                        state.stop_reason = "converged"
+                        break
+                    continue
                 batch = move_inputs_to_device(batch, self.device)
                 model_input = self._model_input(batch)
                 if not state.distributed and self._batch_mask_is_empty(model_input):
@@ -285,9 +319,13 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
         warnings.warn("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
                       "initialization will gather tensors from all ranks. Ensure the model does not receive the "
                       "same inputs on different ranks. (eva-kernels keeps each rank's statistics on the rank and "
-                      "sums their products with the eigenbasis instead of gathering activations; pass gather_distributed_inputs=False for independent "
-                      "per-rank runs.)")
+                      "sums their products with the eigenbasis instead of gathering activations; pass "
+                      "gather_distributed_inputs=False for independent per-rank runs.)")
+    if distributed:  # before the first forward: a mismatch must raise, not hang a collective
+        dist_utils.check_ranks_agree(_fingerprint(targets, settings))
     budget = memory_budget.resolve_budget(settings.options.memory_budget, _statistics_device(targets, device))
+    if distributed and budget is not None:  # "auto" reads each rank's free memory: the ranks plan alike
+        budget = dist_utils.agreed_min(budget, dist_utils.collective_device(), state.traffic)
     state.memory_budget = budget
     if budget is not None:
         memory_budget.check_budget_floor(targets, budget, settings.options.centered)
@@ -305,6 +343,15 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
         capture.remove_hooks()
         for module, training in modes:  # per module: mixed train/eval states survive
             module.training = training
+
+
+def _fingerprint(targets: List, settings: EvaSettings) -> dict:
+    """What every rank of a distributed run must agree on: the target layers (name, width, rank,
+    components offered) and the settings (per-rank ones, like ``offload_device``, left out)."""
+    meta = settings.metadata()
+    meta.pop("offload_device", None)
+    return {"settings": meta, "targets": {t.name: {"in_features": t.in_features, "rank": t.rank,
+                                                  "max_components": t.max_components} for t in targets}}
 
 
 def _statistics_device(targets: List, device: Optional[torch.device]) -> torch.device:

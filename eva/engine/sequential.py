@@ -70,6 +70,10 @@ def cache_disabled(model: nn.Module):
             c.use_cache = saved[k]
 
 
+def _world(distributed: bool) -> int:
+    return torch.distributed.get_world_size() if distributed else 1
+
+
 class _Replayed:
     """The batches already taken, then the rest of the loader (for the all-at-once fallback)."""
 
@@ -137,8 +141,8 @@ class LayerSequentialEngine(Engine):
             if self.exhausted or (limit is not None and self.taken >= limit):
                 self.out_of_data = self.out_of_data or "max_steps"
                 return None
-            batch = self._next_batch(self.it)
-            if batch is None:
+            batch, ranks = self._next_batch(self.it)
+            if batch is None or ranks < _world(self.state.distributed):  # windows stop at the shortest rank's data
                 self.exhausted, self.out_of_data = True, "exhausted"
                 return None
             index = self.taken

@@ -71,8 +71,8 @@ def all_batches():
     return random_token_batches(97, N_BATCHES, batch=2, seq=13, seed=11, pad_last=3)
 
 
-def shard(rank):
-    return all_batches()[rank::WORLD]
+def shard(rank, world=WORLD):
+    return all_batches()[rank::world]
 
 
 def concatenated():
@@ -91,13 +91,40 @@ PEFT_DIST_WARNING = ("torch.distributed is initialized and `gather_distributed_i
                      "initialization will gather tensors from all ranks.")
 
 
-def run_eva(model, batches, tau, **kw):
+def run_eva(model, batches, tau, r=R, **kw):
     """The result, and whether PEFT's distributed warning was raised (its leading words)."""
+    cfg = lora_config(tau)
+    cfg.r = r
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sd = eva.get_eva_state_dict(model, batches, lora_config(tau), show_progress_bar=False,
-                                    on_unconverged="warn", **kw)
+        sd = eva.get_eva_state_dict(model, batches, cfg, show_progress_bar=False, on_unconverged="warn", **kw)
     return sd, any(str(w.message).startswith(PEFT_DIST_WARNING) for w in caught)
+
+
+UNEVEN_KEEP = 2  # batches rank 1 keeps in the "uneven" run (rank 0 keeps all of its own)
+
+
+def wrapped_runs(rank, batches):
+    """name -> (model as the user passes it, this rank's loader), all gathered with tau=1.0."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+    sharded = build_model()
+    for layer in sharded.layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    return {
+        "ddp": (DistributedDataParallel(build_model()), batches),
+        "fsdp2": (sharded, batches),
+        "uneven": (build_model(), batches if rank == 0 else batches[:UNEVEN_KEEP]),  # rank 1 runs out first
+    }
+
+
+def bad_runs(rank, batches):
+    """name -> (model kind, r, loader): runs that must raise on every rank, not hang."""
+    return {
+        "disagree": ("plain", R + 1 if rank == 1 else R, batches),  # rank 1 asks for another r
+        "empty_rank": ("fresh", R, batches if rank == 0 else []),  # rank 1 has no data at all
+    }
 
 
 def param_checksum(model) -> float:
@@ -105,18 +132,24 @@ def param_checksum(model) -> float:
 
 
 # ------------------------------------------------------------------ worker ----------------------
-def _worker(rank: int, port: int, out_dir: str, queue) -> None:
-    """One rank; reports ("ok", rank, info) or ("error", rank, traceback) on ``queue``."""
+def _worker(rank: int, port: int, out_dir: str, queue, world: int = WORLD) -> None:
+    """One rank; reports ("ok", rank, info) or ("error", rank, traceback) on ``queue``. With
+    ``world != WORLD`` only the gathered run ("gather") runs."""
     initialised = False
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
         os.environ.pop("EVA_BACKEND", None)
         torch.set_num_threads(1)  # 2 ranks on 2 shared cores
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
+                                world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
         initialised = True
         model = build_model()
-        batches = shard(rank)
+        batches = shard(rank, world)
+        if world != WORLD:
+            sd, _ = run_eva(model, batches, RUNS["gather"][1])
+            sd.save(os.path.join(out_dir, f"gather{world}_rank{rank}.safetensors"))
+            queue.put(("ok", rank, ""))
+            return
         info = {"checksum": param_checksum(model)}
         # token counts past 2**24 (float32's exact-integer range), summed over ranks
         from eva.distributed import Traffic, reduced_vectors
@@ -126,6 +159,16 @@ def _worker(rank: int, port: int, out_dir: str, queue) -> None:
         for name, (gather, tau, options) in RUNS.items():
             sd, info["warned"][name] = run_eva(model, batches, tau, gather_distributed_inputs=gather, **options)
             sd.save(os.path.join(out_dir, f"{name}_rank{rank}.safetensors"))
+        for name, (wrapped, loader) in wrapped_runs(rank, batches).items():
+            sd, _ = run_eva(wrapped, loader, 1.0)
+            sd.save(os.path.join(out_dir, f"{name}_rank{rank}.safetensors"))
+        info["errors"] = {}
+        for name, (kind, cfg_r, loader) in bad_runs(rank, batches).items():
+            try:
+                run_eva(model if kind == "plain" else build_model(), loader, 1.0, r=cfg_r)
+                info["errors"][name] = None
+            except eva.EvaError as exc:
+                info["errors"][name] = str(exc)
         dist.barrier()
         with open(os.path.join(out_dir, f"info_rank{rank}.json"), "w") as f:
             json.dump(info, f)
@@ -149,19 +192,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(out_dir: str) -> None:
+def _spawn(out_dir: str, world: int = WORLD) -> None:
     import queue as queue_mod
     import time
 
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out_dir, q), daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, out_dir, q, world), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     reports, deadline = {}, time.monotonic() + JOIN_TIMEOUT_S
     try:
-        while len(reports) < WORLD and time.monotonic() < deadline:
+        while len(reports) < world and time.monotonic() < deadline:
             try:
                 status, rank, tb = q.get(timeout=0.5)
                 reports[rank] = (status, tb)
@@ -179,7 +222,7 @@ def _spawn(out_dir: str) -> None:
                     except queue_mod.Empty:
                         pass
                     break
-        failed = len(reports) < WORLD or any(s == "error" for s, _ in reports.values())
+        failed = len(reports) < world or any(s == "error" for s, _ in reports.values())
         for p in procs:
             p.join(timeout=5.0 if failed else max(1.0, deadline - time.monotonic()))
     finally:
@@ -188,7 +231,7 @@ def _spawn(out_dir: str) -> None:
             p.kill()
             p.join(5)
     errors = [f"rank {r}:\n{tb}" for r, (s, tb) in sorted(reports.items()) if s == "error"]
-    for r in range(WORLD):  # a worker that died before reporting may still have left a file
+    for r in range(world):  # a worker that died before reporting may still have left a file
         path = os.path.join(out_dir, f"error_rank{r}.txt")
         if r not in reports and os.path.exists(path):
             errors.append(f"rank {r}:\n{open(path).read()}")
@@ -198,7 +241,7 @@ def _spawn(out_dir: str) -> None:
         pytest.fail(f"distributed workers {[procs.index(p) for p in hung]} hung (> {JOIN_TIMEOUT_S:.0f} s) "
                     f"and were killed; reports: {reports}", pytrace=False)
     bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-    if bad or len(reports) < WORLD:
+    if bad or len(reports) < world:
         pytest.fail(f"distributed workers exited abnormally (rank, exit code): {bad}; reports: {reports}",
                     pytrace=False)
 
@@ -217,7 +260,7 @@ def dist_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eva_dist"))
     _spawn(out)
     res = {name: [eva.load_eva_state_dict(os.path.join(out, f"{name}_rank{r}.safetensors"))
-                  for r in range(WORLD)] for name in RUNS}
+                  for r in range(WORLD)] for name in list(RUNS) + ["ddp", "fsdp2", "uneven"]}
     res["info"] = [json.load(open(os.path.join(out, f"info_rank{r}.json"))) for r in range(WORLD)]
     return res
 
@@ -345,8 +388,8 @@ def test_peft_distributed_warning_only_when_gathering(dist_results):
 def test_only_products_with_the_statistics_travel(dist_results):
     """Per step each group all-reduces ``iters`` products (d x b fp32) and one vector (colsum,
     diagonal, count: 2d + 1 fp64); the first step adds the shift's sum and count ((d + 1) fp32);
-    every step the 4-byte loader flag. Never a d x d statistic (the full-statistic figure is what
-    that would have moved)."""
+    every step the loader flags (one fp32 per rank). Never a d x d statistic (the full-statistic
+    figure is what that would have moved)."""
     iters, oversample = 2, 8  # the engine's defaults
     for sd in dist_results["gather"]:
         comm = sd.metadata["run"]["communication"]
@@ -356,10 +399,81 @@ def test_only_products_with_the_statistics_travel(dist_results):
         shift = sum((d + 1) * 4 for d in widths)
         steps = comm["bytes_per_step"]
         assert len(steps) == N_BATCHES // WORLD
-        assert steps[0] == 4 + shift + solves
-        assert all(n == 4 + solves for n in steps[1:]), steps
+        flags = 4 * WORLD
+        assert steps[0] == flags + shift + solves
+        assert all(n == flags + solves for n in steps[1:]), steps
         assert comm["bytes_final_solves"] > 0
-        assert comm["bytes_total"] == sum(steps) + comm["bytes_final_solves"] + 4  # + the flag that ended the run
+        assert comm["bytes_total"] == sum(steps) + comm["bytes_final_solves"] + flags  # + the flags that ended the run
         assert comm["full_statistics_bytes_per_step"] == sum(4 * d * d for d in widths)
         assert comm["collective_seconds"] > 0 and comm["calls"] > 0
     assert dist_results["local"][0].metadata["run"]["communication"] is None
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_wrapped_models_give_the_unwrapped_result(dist_results, wrapper):
+    """DDP (unwrapped: the same layer names) and FSDP2 ``fully_shard`` (parameters sharded, all-
+    gathered by FSDP in each layer's forward): the hooks see each rank's full layer inputs."""
+    ref = dist_results["gather"][0]
+    for sd in dist_results[wrapper]:
+        assert list(sd) == list(ref)
+        assert sd.ranks == ref.ranks
+        assert_same_pca(sd, ref, min_overlap=0.99999)
+
+
+def test_a_rank_that_runs_out_takes_idle_steps_in_lockstep(dist_results):
+    """Rank 1 keeps 2 batches, rank 0 has 4: after rank 1's data runs out it contributes nothing
+    and keeps solving in lockstep; the result is the single-process run whose batch i joins the
+    ranks' batch i where both have one, and rank 0's alone afterwards. Every token is used once."""
+    r0, r1 = dist_results["uneven"]
+    shards = [shard(0), shard(1)[:UNEVEN_KEEP]]
+    joined = [{k: torch.cat([s[i][k] for s in shards if i < len(s)]) for k in shards[0][i]}
+              for i in range(len(shards[0]))]
+    single, _ = run_eva(build_model(), joined, 1.0)
+    assert r0.metadata["run"]["steps"] == r1.metadata["run"]["steps"] == len(shards[0])
+    total = kept_tokens(shards[0]) + kept_tokens(shards[1])
+    assert all(info["tokens"] == total for info in r0.metadata["layers"].values())
+    assert_same_pca(r0, single)
+    assert r0.ranks == r1.ranks == single.ranks
+
+
+def test_ranks_that_disagree_raise_on_every_rank(dist_results):
+    for info in dist_results["info"]:
+        msg = info["errors"]["disagree"]
+        assert msg is not None and "ranks disagree before EVA's first forward" in msg, msg
+        assert "settings.r: 4 vs 3" in msg, msg
+
+
+def test_a_rank_without_data_raises_on_every_rank(dist_results):
+    for info in dist_results["info"]:
+        msg = info["errors"]["empty_rank"]
+        assert msg is not None and "rank(s) [1] have no batch at EVA's first step" in msg, msg
+
+
+def test_no_process_group_warns_once_when_launched_as_one_of_several(monkeypatch):
+    from eva import distributed as dist_utils
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist_utils, "_warned_no_group", False)
+    with pytest.warns(UserWarning, match="WORLD_SIZE=2 but torch.distributed is not initialised"):
+        assert dist_utils.active(True) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dist_utils.active(True) is False  # once
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        assert dist_utils.active(True) is False
+
+
+def test_three_ranks_with_uneven_shards_equal_one_process():
+    """3 ranks over 8 batches (3, 3 and 2 each): rank 2 idles at the last step; the result is the
+    single-process run whose batch i joins the ranks' batch i (where they have one)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        _spawn(out, world=3)
+        results = [eva.load_eva_state_dict(os.path.join(out, f"gather3_rank{r}.safetensors")) for r in range(3)]
+    shards = [shard(r, 3) for r in range(3)]
+    joined = [{k: torch.cat([s[i][k] for s in shards if i < len(s)]) for k in shards[0][i]}
+              for i in range(len(shards[0]))]
+    single, _ = run_eva(build_model(), joined, RUNS["gather"][1])
+    for sd in results:
+        assert sd.metadata["run"]["steps"] == len(shards[0]) == single.metadata["run"]["steps"]
+        assert sd.ranks == single.ranks
+        assert_same_pca(sd, single, min_overlap=0.99999)
