@@ -179,6 +179,7 @@ def main(argv=None):
         from benches.engine import bench_distributed
         dist_args = ["--cases", "llama8b-slice", "--nproc", str(args.nproc), "--layers", str(args.layers or 2)]
         if args.dry_run:
+            dist_args[-1] = "1"  # one 8B-shaped layer: a smoke test of the launch, not a measurement
             dist_args += ["--seq", "32", "--batches", "2", "--out", harness.default_out("distributed_dry", "cpu", True)]
         else:
             dist_args += ["--device", "cuda"]

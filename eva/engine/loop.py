@@ -155,8 +155,14 @@ class Engine:
         state.forward_seconds += time.perf_counter() - tf
         if self.capture.discovering:
             self.capture.finish_discovery()
-        for g in state.groups:  # distributed: the hooked groups, captured on some rank (lockstep)
-            if g.hooks.captured or (state.distributed and g.hooks.hooked):
+        # distributed: the hooked groups, captured on some rank (lockstep)
+        self._end_step(lambda g: g.hooks.captured or (state.distributed and g.hooks.hooked))
+
+    def _end_step(self, consumed) -> None:
+        """Count the step for the groups ``consumed(group)`` says took part; check when due."""
+        state = self.state
+        for g in state.groups:
+            if consumed(g):
                 g.estimate.steps += 1
                 g.hooks.unsolved = True
         state.step += 1
@@ -208,15 +214,7 @@ class Engine:
     def _idle_step(self) -> None:
         """A step of a distributed run on a rank whose loader ran out: no forward, no tokens; the
         hooked groups' solves (which all-reduce) and decisions in lockstep with the other ranks."""
-        state = self.state
-        for g in state.groups:
-            if g.hooks.hooked:
-                g.estimate.steps += 1
-                g.hooks.unsolved = True
-        state.step += 1
-        if state.step % self.opts.check_every == 0:
-            self._check()
-        self.observer.on_step(state.step, state)
+        self._end_step(lambda g: g.hooks.hooked)
 
     def _start(self, dataloader) -> Optional[int]:
         """Start the clock; the loader's length (None: unsized), refusing an empty loader."""
