@@ -13,8 +13,10 @@ thread each; with ``--device cuda`` NCCL, one GPU per rank), each with its own s
 Each rank reports its run's ``metadata["run"]["communication"]``: bytes all-reduced per step, by
 the final solves and in total, and the seconds spent in collectives. Printed per case: the mean
 bytes per step against ``sum_groups 4 d^2`` (what all-reducing the statistics every step would
-move), and collective time as a share of the wall time. Goals (slice, r=16, rho=2): bytes per
-step <= 1% of the full statistics; collectives <= 5% of wall time.
+move), and collective time as a share of the wall time. The time in collectives includes one
+rank waiting for another; a probe of the link (all-reduce latency and bandwidth, measured in the
+workers first) estimates the part that is transfer: calls x latency + bytes / bandwidth. Goals
+(slice, r=16, rho=2): bytes per step <= 1% of the full statistics; collectives <= 5% of wall time.
 
 Run from the repository root:
     python -m benches.engine.bench_distributed [--cases minilm,llama8b-slice] [--layers 2] [--batches 4]
@@ -96,6 +98,7 @@ def _worker(rank: int, port: int, case: str, args, out_dir: str) -> None:
             from eva.engine.tokens import move_inputs_to_device
             model = model.to(f"cuda:{rank}")
             batches = [move_inputs_to_device(b, torch.device(f"cuda:{rank}")) for b in batches]
+        link = _probe_link(dist, torch.device(f"cuda:{rank}") if cuda else torch.device("cpu"))
         dist.barrier()
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -106,11 +109,33 @@ def _worker(rank: int, port: int, case: str, args, out_dir: str) -> None:
         wall = time.perf_counter() - t0
         run = sd.metadata["run"]
         record = {"rank": rank, "wall_seconds": wall, "steps": run["steps"], "stop_reason": run["stop_reason"],
-                  "groups": len(sd.metadata["groups"]), "communication": run["communication"]}
+                  "groups": len(sd.metadata["groups"]), "communication": run["communication"], "link": link}
         with open(os.path.join(out_dir, f"{case}_rank{rank}.json"), "w") as fh:
             json.dump(record, fh)
     finally:
         dist.destroy_process_group()
+
+
+def _probe_link(dist, device) -> dict:
+    """This link's all-reduce latency (4 bytes) and bandwidth (2.3 MB, the size of one product of
+    a 14336-wide group), medians of 15, to split collective time into transfer and waiting."""
+    import statistics
+    import torch
+
+    def timed(n):
+        t = torch.ones(n, device=device)
+        dist.all_reduce(t)
+        out = []
+        for _ in range(15):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+    latency, big = timed(1), timed(14336 * 40)
+    return {"latency_s": latency, "bytes_per_s": 14336 * 40 * 4 / max(big - latency, 1e-9)}
 
 
 def _free_port() -> int:
@@ -139,8 +164,17 @@ def summarize(case: str, records: list) -> dict:
             "bytes/step": per_step, "full statistics/step": full, "share of full": per_step / full,
             "final solves bytes": comm[0]["bytes_final_solves"], "total bytes": comm[0]["bytes_total"],
             "collective s": max(c["collective_seconds"] for c in comm),
+            "transfer s (est.)": max(_transfer(c, r["link"]) for c, r in zip(comm, records)),
             "wall s": max(r["wall_seconds"] for r in records),
-            "collective share": max(c["collective_seconds"] / r["wall_seconds"] for c, r in zip(comm, records))}
+            "collective share": max(c["collective_seconds"] / r["wall_seconds"] for c, r in zip(comm, records)),
+            "transfer share (est.)": max(_transfer(c, r["link"]) / r["wall_seconds"] for c, r in zip(comm, records))}
+
+
+def _transfer(comm: dict, link: dict) -> float:
+    """Seconds the collectives would take on this link without waiting for other ranks: one
+    latency per call plus the bytes at the probed bandwidth (the rest of the time in collectives
+    is one rank waiting for the others: load imbalance, not communication)."""
+    return comm["calls"] * link["latency_s"] + comm["bytes_total"] / link["bytes_per_s"]
 
 
 def main(argv=None):
