@@ -3,6 +3,7 @@
     eva init --model FOLDER --data TEXTFILE [--rank 8 --rho 2 --tau 0.99 --batch-size 8
              --max-length 128 --target-modules all-linear --out FILE --plot FILE]
     eva demo      # bundled MiniLM + bundled calibration text
+    eva compare --data train.csv [--methods lora,eva,pissa --steps 120 --seeds 3]
     eva inspect FILE.safetensors
 
 ``init`` and ``demo`` check every input first (numbers, output paths, data file, model folder
@@ -27,6 +28,9 @@ def _dispatch(args) -> int:
     """Run the chosen command."""
     if args.cmd == "inspect":
         return inspect_file(args.file)
+    if args.cmd == "compare":
+        from .compare_command import compare_command
+        return compare_command(args)
     if args.cmd == "demo":
         from .text_data import bundled_calibration_path, bundled_model_path
         return run_command(args, args.model or bundled_model_path(), args.data or bundled_calibration_path())
