@@ -3,7 +3,7 @@
 :func:`run_comparison` reads and checks the CSV (:mod:`.data`, before any model loads), splits
 it (train / validation / test, fixed seed), picks one learning rate for every method (the best
 validation accuracy of PEFT's default LoRA init over ``lr_grid``, a short run of ``lr_steps`` with
-seed 0; or the given ``lr``), then fine-tunes every method with every seed (:mod:`.finetune`)
+seed 0; or the given ``lr``), then fine-tunes every method with every seed (:mod:`.training`)
 and writes the JSON and the PNG (:mod:`.report`). Classification only.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 from ..errors import EvaError
 from . import report
 from .data import calibration_rows, read_labelled_csv, split
-from .finetune import METHODS, accuracy, finetune
+from .training import METHODS, accuracy, finetune
 
 DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3)
 

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Dict, List
 
-from .finetune import mean_std, smoothed
+from .training import mean_std, smoothed
 
 
 def summary_rows(runs: List[dict], methods: List[str]) -> List[dict]:
