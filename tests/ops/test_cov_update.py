@@ -43,11 +43,14 @@ def _gen(seed):
 
 
 def _x(n, d, dtype, seed=1, layout="contiguous"):
-    """(n, d) activations (mean 0.5, std 3) in ``dtype`` on DEVICE, in one of several layouts."""
+    """(n, d) activations (mean 0.5, std 3) in ``dtype`` on DEVICE, in one of several layouts.
+
+    The base tensor moves to DEVICE before the view is taken: ``view.to("cuda")`` would copy the
+    view into a contiguous tensor, and the GPU runs would test the contiguous layout only."""
     g = _gen(seed)
 
     def base(*shape):
-        return (torch.randn(*shape, generator=g) * 3 + 0.5).to(dtype)
+        return (torch.randn(*shape, generator=g) * 3 + 0.5).to(dtype).to(DEVICE)
 
     views = {
         "contiguous": lambda: base(n, d),
@@ -57,7 +60,10 @@ def _x(n, d, dtype, seed=1, layout="contiguous"):
         "every_other_row": lambda: base(2 * n, d)[::2],
         "offset_view": lambda: base(n + 3, d + 2)[3:, 1:1 + d],   # storage offset, odd strides
     }
-    return views[layout]().to(DEVICE)
+    x = views[layout]()
+    assert x.device.type == torch.device(DEVICE).type
+    assert layout == "contiguous" or min(n, d) <= 1 or not x.is_contiguous(), layout
+    return x
 
 
 def _mask(n, kind, seed=2):
@@ -173,7 +179,7 @@ def test_many_rows_few_columns(backend):
     (dict(x=torch.zeros(3, 4, dtype=torch.int32)), "float32, float16 or bfloat16"),
     (dict(cov=torch.zeros(4, 4, dtype=torch.float64)), "cov must be float32"),
     (dict(cov=torch.zeros(5, 5)), r"\(4, 4\)"),
-    (dict(cov=torch.zeros(4, 8)[:, ::2]), "contiguous"),
+    (dict(cov=lambda dev: torch.zeros(4, 8, device=dev)[:, ::2]), "contiguous"),  # view made on DEVICE
     (dict(colsum=torch.zeros(5)), "colsum"),
     (dict(mask=torch.ones(3, dtype=torch.int64)), "mask must be a bool"),
     (dict(mask=torch.ones(2, dtype=torch.bool)), "mask must be a bool"),
@@ -184,6 +190,7 @@ def test_bad_arguments_raise_before_writing(backend, bad, match):
     args = dict(cov=torch.zeros(4, 4), colsum=torch.zeros(4), x=torch.ones(3, 4), mask=None, shift=None)
     args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
             for k, v in {**args, **bad}.items()}
+    args = {k: (v(DEVICE) if callable(v) else v) for k, v in args.items()}
     before = args["cov"].clone() if args["cov"].device.type != "meta" else None
     with pytest.raises((ValueError, TypeError), match=match):
         cov_update(args["cov"], args["colsum"], args["x"], args["mask"], shift=args["shift"], backend=backend)
