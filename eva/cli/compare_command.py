@@ -19,10 +19,16 @@ def compare_command(args) -> int:
         methods=methods, steps=args.steps, seeds=args.seeds, r=args.rank, targets=targets,
         batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
         validation_size=args.validation_size, test_size=args.test_size, calibration_size=args.calibration_size,
-        lr=args.lr, lr_steps=max(1, args.steps // 2), out_json=args.out_json, out_png=args.out_png)
-    print(f"\n{'method':<11} {'test accuracy':>15} {'final loss':>11} {'init s':>8} {'fine-tune s':>12} {'init share':>11}")
+        lr=args.lr, lr_steps=max(1, args.steps // 2), lr_per_method=args.lr_per_method, out_json=args.out_json,
+        out_png=args.out_png)
+    print(f"\n{'method':<11} {'lr':>7} {'test accuracy':>15} {'early loss':>11} {'final loss':>11} {'init s':>8} "
+          f"{'fine-tune s':>12} {'init share':>11}")
     for row in payload["summary"]:
-        print(f"{row['method']:<11} {row['test accuracy']:>8.4f} +- {row['accuracy sd']:.4f} {row['final loss']:>11.4f} "
+        print(f"{row['method']:<11} {row['lr']:>7.0e} {row['test accuracy']:>8.4f} +- {row['accuracy sd']:.4f} "
+              f"{row['early loss']:>11.4f} "
+              f"{row['final loss']:>11.4f} "
               f"{row['init s']:>8.2f} {row['fine-tune s']:>12.1f} {row['init / fine-tune']:>10.1%}")
-    print(f"lr {payload['setting']['lr']:g}; wrote {args.out_json} and {args.out_png}")
+    print(f"early loss: mean over the first half of the steps; final loss: the last 20 steps; init: PEFT's "
+          f"wrapping plus EVA's calibration (not the checkpoint load)\nlearning rate: {payload['setting']['lr_rule']}; "
+          f"wrote {args.out_json} and {args.out_png}")
     return 0

@@ -98,5 +98,38 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     assert len(payload["runs"]) == 4 and all(len(r["losses"]) == 3 for r in payload["runs"])
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in payload["runs"])
     assert payload["data"]["train"] == 24 and payload["data"]["calibration"] == 8
-    assert payload["setting"]["lr"] == 1e-3
+    assert set(payload["setting"]["lr"].values()) == {1e-3}
     assert "lora" in out.out and "init share" in out.out
+
+
+@pytest.mark.parametrize("per_method", [False, True], ids=["one-rate", "per-method"])
+def test_learning_rate_rule(tmp_path, monkeypatch, per_method):
+    """One rate for all = the default init's best validation accuracy (ties: the smaller rate);
+    per method = each method's own best. Fine-tuning is replaced by a table of accuracies."""
+    import eva.compare as compare
+    from eva.cli.text_data import bundled_model_path
+    from eva.compare.training import RunResult
+    table = {("lora", 3e-4): 0.6, ("lora", 1e-3): 0.7, ("lora", 3e-3): 0.7,
+             ("eva", 3e-4): 0.8, ("eva", 1e-3): 0.5, ("eva", 3e-3): 0.4}
+    calls = []
+
+    def fake_finetune(model_path, tok, train, evaluate, calibration, *, method, seed, lr, steps, **common):
+        calls.append((method, lr, steps, len(evaluate)))
+        return RunResult(method, seed, lr, losses=[0.7] * steps, accuracy=table[(method, lr)],
+                         init_seconds=0.1, train_seconds=1.0)
+    monkeypatch.setattr(compare, "finetune", fake_finetune)
+    path = write_csv(tmp_path / "d.csv", reviews(48))
+    payload = compare.run_comparison(
+        model_path=bundled_model_path(), data_path=path, text_column="text", label_column="label",
+        methods=["lora", "eva"], steps=6, seeds=2, r=2, targets=["query"], batch_size=4, max_length=16,
+        train_size=24, validation_size=8, test_size=12, calibration_size=8, lr=None, lr_steps=3,
+        lr_per_method=per_method, out_json=str(tmp_path / "c.json"), out_png=str(tmp_path / "c.png"),
+        log=lambda *_: None)
+    searched = [(m, lr) for m, lr, steps, n in calls if steps == 3]
+    assert all(n == 8 for m, lr, steps, n in calls if steps == 3)  # the search sees validation rows only
+    assert all(n == 12 for m, lr, steps, n in calls if steps == 6)  # the runs are scored on test rows
+    if per_method:
+        assert sorted(searched) == sorted(table) and payload["setting"]["lr"] == {"lora": 1e-3, "eva": 3e-4}
+    else:
+        assert {m for m, _ in searched} == {"lora"} and payload["setting"]["lr"] == {"lora": 1e-3, "eva": 1e-3}
+    assert [(r["method"], r["lr"]) for r in payload["summary"]] == list(payload["setting"]["lr"].items())
