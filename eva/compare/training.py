@@ -17,7 +17,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -66,20 +66,22 @@ def _base_model(model_path: str, num_labels: int, seed: int):
         return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
 
 
-def _wrap(base, method: str, r: int, targets: List[str]):
+def _wrap(base, method: str, r: int, targets: List[str], eva_options: Optional[dict] = None):
     """PEFT's LoRA on ``targets`` with ``method``'s ``init_lora_weights`` (PiSSA / OLoRA compute
-    their decompositions here; EVA's adapters are filled afterwards from the calibration run)."""
+    their decompositions here; EVA's adapters are filled afterwards from the calibration run).
+    ``eva_options`` override PEFT's ``EvaConfig`` fields (default ``rho=2``) for EVA methods."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.config import EvaConfig
     init, whiten = METHODS[method]
+    eva_config = EvaConfig(**{"rho": 2.0, "whiten": whiten, **(eva_options or {})}) if init == "eva" else None
     cfg = LoraConfig(r=r, lora_alpha=r, target_modules=targets, init_lora_weights=init, task_type="SEQ_CLS",
-                     eva_config=EvaConfig(rho=2.0, whiten=whiten) if init == "eva" else None)
+                     eva_config=eva_config)
     return get_peft_model(base, cfg)
 
 
 def finetune(model_path: str, tok, splits_train: Labelled, test: Labelled, calibration: Labelled, *,
              method: str, seed: int, lr: float, steps: int, r: int, targets: List[str], batch_size: int,
-             max_length: int, num_labels: int) -> RunResult:
+             max_length: int, num_labels: int, eva_options: Optional[dict] = None) -> RunResult:
     """One initialisation, one seed: init, ``steps`` AdamW steps, test accuracy (module docstring).
 
     ``init_seconds`` is the initialisation alone: PEFT's wrapping (with PiSSA's / OLoRA's
@@ -94,7 +96,7 @@ def finetune(model_path: str, tok, splits_train: Labelled, test: Labelled, calib
     with warnings.catch_warnings():
         # PEFT: "eva initialization used with low_cpu_mem_usage=False": the calibration is ours
         warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
-        model = _wrap(base, method, r, targets)
+        model = _wrap(base, method, r, targets, eva_options)
     if METHODS[method][0] == "eva":
         calib = batches_of(tok, calibration, batch_size, max_length, list(range(len(calibration))), False)
         with warnings.catch_warnings():
