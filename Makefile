@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test-slow bench-smollm2 bench-llm-width bench-distributed bench-finetune install demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
+.PHONY: test-slow bench-smollm2 bench-llm-width bench-distributed bench-finetune bench-finetune-ablation install demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
 
 # torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
 install:
@@ -46,6 +46,11 @@ bench-smollm2: install
 bench-finetune: install
 	$(PIP) install -q --disable-pip-version-check -r requirements-slow.txt
 	$(PY) -m benches.bench_finetune
+
+# EVA with one factor changed at a time (learning rate, alpha rescaling, rank budget), 15 minutes.
+bench-finetune-ablation: install
+	$(PIP) install -q --disable-pip-version-check -r requirements-slow.txt
+	$(PY) -m benches.bench_finetune_ablation
 
 # Bytes all-reduced by 2 gloo ranks (MiniLM, an 8B-shaped slice) against all-reducing the statistics (~3 min).
 bench-distributed: install
