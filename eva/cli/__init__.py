@@ -3,7 +3,7 @@
     eva init --model FOLDER --data TEXTFILE [--rank 8 --rho 2 --tau 0.99 --batch-size 8
              --max-length 128 --target-modules all-linear --out FILE --plot FILE]
     eva demo      # bundled MiniLM + bundled calibration text
-    eva compare --data train.csv [--methods lora,eva,pissa --steps 120 --seeds 3]
+    eva compare --data train.csv [--methods lora,eva,pissa --steps 90 --seeds 3]
     eva inspect FILE.safetensors
 
 ``init`` and ``demo`` check every input first (numbers, output paths, data file, model folder

@@ -211,7 +211,7 @@ def _add_compare(sub) -> None:
     cmp.add_argument("--methods", default="lora,eva,pissa",
                      help="comma list of lora (PEFT's default init), eva, eva-whiten, pissa, olora "
                           "(default: %(default)s)")
-    cmp.add_argument("--steps", type=_int_at_least(1, "optimiser steps"), default=120)
+    cmp.add_argument("--steps", type=_int_at_least(1, "optimiser steps"), default=90)
     cmp.add_argument("--seeds", type=_int_at_least(1, "seeds per method"), default=3)
     cmp.add_argument("--rank", type=_int_at_least(1, "the LoRA rank r"), default=DEFAULT_RANK)
     cmp.add_argument("--lr", type=_lr, default=None, help="learning rate (default: chosen on validation rows)")

@@ -59,11 +59,23 @@ def batches_of(tok, data: Labelled, batch_size: int, max_length: int, order: Lis
 
 
 def _base_model(model_path: str, num_labels: int, seed: int):
+    """The checkpoint with a fresh head (seeded), loaded quietly: transformers' load report ("the
+    classifier's weights are newly initialised", by design) and progress bar, once per run, would
+    bury the comparison's own lines."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "some weights newly initialised": the head, by design
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _wrap(base, method: str, r: int, targets: List[str], eva_options: Optional[dict] = None):
@@ -96,6 +108,8 @@ def finetune(model_path: str, tok, splits_train: Labelled, test: Labelled, calib
     with warnings.catch_warnings():
         # PEFT: "eva initialization used with low_cpu_mem_usage=False": the calibration is ours
         warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
+        # transformers 5 deprecates the property that PEFT's wrapper reads
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = _wrap(base, method, r, targets, eva_options)
     if METHODS[method][0] == "eva":
         calib = batches_of(tok, calibration, batch_size, max_length, list(range(len(calibration))), False)
@@ -119,9 +133,7 @@ def finetune(model_path: str, tok, splits_train: Labelled, test: Labelled, calib
             order += fresh
         idx, order = order[:batch_size], order[batch_size:]
         batch = batches_of(tok, splits_train, batch_size, max_length, idx)[0]
-        with warnings.catch_warnings():  # transformers 5 warns of its own deprecated call in forward
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            loss = model(**batch).loss
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
