@@ -13,12 +13,13 @@ from .api import get_eva_state_dict, initialize_lora_eva_weights
 from .config import EvaOptions
 from .engine import EvaObserver
 from .errors import EvaError, EvaNotConvergedError
-from .peft.inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
+from .peft.inputs import (forward_fn_dict, layer_input_rules, prepare_layer_inputs_fn_language_modeling,
                           prepare_model_inputs_fn_language_modeling)
 from .result import EvaStateDict, load_eva_state_dict
 
 __all__ = [
     "get_eva_state_dict", "initialize_lora_eva_weights", "EvaStateDict", "load_eva_state_dict",
     "EvaOptions", "EvaObserver", "EvaError", "EvaNotConvergedError", "forward_fn_dict",
-    "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling", "__version__",
+    "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling", "layer_input_rules",
+    "__version__",
 ]

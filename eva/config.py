@@ -21,6 +21,9 @@ from typing import Any, Dict, Optional, Union
 from .errors import EvaError
 from .sizes import parse_bytes
 
+#: ``EvaOptions.convergence`` values: the default first.
+CONVERGENCE_RULES = ("all_components", "allocated_ranks")
+
 # Upper bounds of the solver options: larger values are mistakes (the block is capped at d anyway).
 MAX_OVERSAMPLE = 1024
 MAX_ITERS = 100
@@ -37,6 +40,15 @@ class EvaOptions:
         max_steps: stop after this many batches even if not converged (None: until the
             loader is exhausted). PEFT cycles the loader forever; with exact statistics a
             second pass adds no information, so we stop at the end of the data.
+        convergence: which components a layer must converge on before it stops taking data.
+            "all_components" (default): all of its group's ``r * rho`` components, whatever the
+            current rank allocation, so a reallocation can never pause a layer mid-run (every
+            layer keeps every batch until its own components converged) and the rule is the
+            same in the all-at-once and the layer-sequential mode (results do not depend on
+            ``memory_budget``). "allocated_ranks": PEFT's rule, only the components its layers
+            need under the current allocation; a layer whose rank drops to 0 stops taking data
+            and may get ranks back later, estimated from the batches it took. Not combinable
+            with ``memory_budget`` (a layer-sequential run knows the allocation only at the end).
         on_unconverged: "warn" (default) or "error" when data ran out / max_steps was hit
             while some needed component had not converged (the result is then the exact PCA
             of every token consumed).
@@ -85,6 +97,7 @@ class EvaOptions:
     """
 
     centered: bool = True
+    convergence: str = "all_components"
     max_steps: Optional[int] = None
     on_unconverged: str = "warn"
     skip_empty_batches: bool = False
@@ -107,6 +120,8 @@ class EvaOptions:
         _check_bool("centered", self.centered)
         _check_bool("skip_empty_batches", self.skip_empty_batches)
         _check_bool("skip_rest_of_forward", self.skip_rest_of_forward)
+        if self.convergence not in CONVERGENCE_RULES:
+            raise EvaError(f"convergence must be one of {CONVERGENCE_RULES}, got {self.convergence!r}")
         if self.on_unconverged not in ("warn", "error"):
             raise EvaError(f"on_unconverged must be 'warn' or 'error', got {self.on_unconverged!r}")
         if self.max_steps is not None:
@@ -129,6 +144,11 @@ class EvaOptions:
         self.backend = check_backend(self.backend)
         if self.memory_budget is not None and self.memory_budget != "auto":
             self.memory_budget = parse_bytes(self.memory_budget, "memory_budget")
+        if self.memory_budget is not None and self.convergence == "allocated_ranks":
+            raise EvaError("convergence='allocated_ranks' cannot be combined with memory_budget: a layer-sequential "
+                           "run knows the rank allocation only after the last block, so the result would depend on "
+                           "which mode the budget selects; use convergence='all_components' (the default) with "
+                           "memory_budget, or leave memory_budget unset")
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip()):
             raise EvaError(f"blocks must be None or the dotted name of the model's block list, e.g. "
                            f"'model.layers'; got {self.blocks!r}")

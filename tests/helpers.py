@@ -64,3 +64,54 @@ def starve_layer_at_first(monkeypatch, victim: str, allocations: int = 2) -> Non
         return ranks
 
     monkeypatch.setattr(allocation, "redistribute_ranks", starving)
+
+
+def record_layer_calls(model, batches, names, forward_fn=None):
+    """Every call's input of each layer in ``names``, per batch, from plain forwards (no EVA):
+    ``{name: [[input of call 0, input of call 1, ...] for each batch]}`` (float64 copies)."""
+    modules = dict(model.named_modules())
+    calls = {n: [] for n in names}
+    current = {}
+
+    def make(name):
+        def hook(module, args):
+            current[name].append(args[0].detach().to(torch.float64).clone())
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(make(n)) for n in names]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # as EVA runs it (no dropout)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                for n in names:
+                    current[n] = []
+                (forward_fn or (lambda m, b: m(**b)))(model, batch)
+                for n in names:
+                    calls[n].append(current[n])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return calls
+
+
+def assert_layers_exact(sd, truth, min_overlap=0.999, centered=True):
+    """Every layer's token count equals its reference rows' and its components span their exact
+    float64 PCA. ``truth``: ``{name: (n, d) float64 rows the layer should have consumed}``.
+    Returns the worst overlap."""
+    from eva_kernels import subspace_overlap
+    from eva_kernels.testing import exact_pca
+    worst = 1.0
+    for name, rows in truth.items():
+        info = sd.metadata["layers"][name]
+        assert info["tokens"] == rows.shape[0], (name, info["tokens"], rows.shape[0])
+        rank = sd[name].shape[0]
+        if rank == 0:
+            continue
+        _, exact, _ = exact_pca([rows], rank, centered)
+        ov = float(subspace_overlap(sd[name].double().cpu(), exact))
+        worst = min(worst, ov)
+        assert ov >= min_overlap, f"{name}: overlap {ov:.6f} with the exact PCA of the right tokens"
+    return worst

@@ -1,20 +1,25 @@
 """Capturing layer inputs: forward pre-hooks, per-layer token rules, shared-input groups.
 
-First forward (*discovery*): every target layer is hooked; a layer whose prepared input is the
-very same tensor view as an earlier layer's joins that layer's group (:mod:`.groups`), the
-others found a group. Afterwards only group leaders stay hooked, and a group's hook is
-detached while it is converged (:meth:`Capture.set_hooked`).
+First forward (*discovery*): every target layer is hooked. A layer whose first call's prepared
+input is the very same tensor view as an earlier layer's joins that layer's group (tentatively),
+the others found a group; every call's input view and sequence are recorded
+(:mod:`.groups`, :mod:`.sequences`). At the end of that forward the groups are checked call by
+call: a group whose members' calls differ (one of them was called again on another input) is
+split by signature, and the first batch is accumulated again for the new groups (only then).
+Afterwards only group leaders stay hooked, and a group's hook is detached while it is
+converged (:meth:`Capture.set_hooked`).
 
 Each call of a leader's hook turns the layer input into rows (and a mask) by the layer's rule
-(:func:`layer_rules`), checks them, and adds them to the group's :class:`RunningStats`. Once
-every hooked group has its input for the batch the forward is stopped (``_StopForward``)
-when ``skip_rest_of_forward``: what follows cannot change the statistics.
+(:func:`layer_rules`) and the batch's token rules for that call's sequence
+(:class:`eva.engine.batch_tokens.BatchTokens`), checks them, and adds them to the group's
+:class:`RunningStats`. Once every hooked group has its input for the batch the forward is
+stopped (``_StopForward``) when ``skip_rest_of_forward``: what follows cannot change the statistics.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -23,11 +28,12 @@ import eva_kernels
 
 from ..errors import EvaError, _StopForward
 from ..peft.targets import PEFT_PREFIX
-from .groups import GroupFinder
-from .observer import EvaObserver
+from .groups import LiveViews, group_by_signature
+from .observer import EvaObserver, wants_rows
+from .sequences import SequenceLayout
 from .state import GroupState, RunState
 from .statistics import RunningStats
-from .tokens import all_token_rows, layer_rows_and_mask
+from .tokens import all_token_rows, first_tensor, masked_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,6 +52,15 @@ MASKED_TOKENS = TokenRule("tokens kept by the padding/label mask (fused masked u
 ALL_TOKENS = TokenRule("every token of the layer input (PEFT's rule without prepare_layer_inputs_fn)")
 
 
+class LayerInputRules(dict):
+    """A ``prepare_layer_inputs_fn`` mapping whose missing layers take ``default`` instead of
+    PEFT's every-token rule (built by :func:`eva.layer_input_rules`)."""
+
+    def __init__(self, overrides, default):
+        super().__init__(overrides)
+        self.default = default
+
+
 def _rule(fn: Optional[Callable], masked_defaults: tuple):
     if fn is None:
         return ALL_TOKENS
@@ -62,9 +77,10 @@ def layer_rules(fn, state: RunState, masked_defaults: tuple) -> Dict[str, Any]:
 
     A function in ``masked_defaults`` (the language-modeling defaults, ours and PEFT's) becomes
     :data:`MASKED_TOKENS` (the fused masked update, no gathered copy); ``None``, and a layer
-    missing from a mapping, become :data:`ALL_TOKENS` (every row, padding included: PEFT's
-    ``_prepare_layer_inputs_fn_default``). Mapping keys may be the model's module names or, for
-    a PeftModel, the base model's.
+    missing from a plain mapping, become :data:`ALL_TOKENS` (every row, padding included: PEFT's
+    ``_prepare_layer_inputs_fn_default``); a layer missing from a :class:`LayerInputRules`
+    takes its ``default``. Mapping keys may be the model's module names or, for a PeftModel,
+    the base model's.
     """
     if not isinstance(fn, Mapping):
         return {n: _rule(fn, masked_defaults) for n in state.order}
@@ -81,7 +97,8 @@ def layer_rules(fn, state: RunState, masked_defaults: tuple) -> Dict[str, Any]:
         raise EvaError("prepare_layer_inputs_fn is a mapping but the following module names were not found in "
                        f"the model: {unknown} (they must be EVA target layers; e.g. {state.order[:3]})")
     by_name = {target_name(k): fn[k] for k in fn}
-    return {n: _rule(by_name.get(n), masked_defaults) for n in state.order}
+    default = fn.default if isinstance(fn, LayerInputRules) else None
+    return {n: _rule(by_name[n] if n in by_name else default, masked_defaults) for n in state.order}
 
 
 class Capture:
@@ -90,6 +107,7 @@ class Capture:
     Args:
         state: the run state (groups are created here during discovery).
         rules: per layer, :data:`MASKED_TOKENS`, :data:`ALL_TOKENS` or a user function.
+        layout: the model's token sequences (which sequence each call's input belongs to).
         centered: statistics about the first batch's mean (else uncentred).
         requested_backend: the ``backend`` option; resolved once per statistics device.
         skip_rest_of_forward: stop the forward once every hooked group has its input.
@@ -100,18 +118,22 @@ class Capture:
     windows from the groups before any statistic exists).
     """
 
-    def __init__(self, state: RunState, rules: Dict[str, Any], centered: bool, requested_backend: Optional[str],
-                 skip_rest_of_forward: bool, observer: EvaObserver):
+    def __init__(self, state: RunState, rules: Dict[str, Any], layout: SequenceLayout, centered: bool,
+                 requested_backend: Optional[str], skip_rest_of_forward: bool, observer: EvaObserver):
         self.state = state
         self.rules = rules
+        self.layout = layout
         self.centered = centered
         self.requested_backend = requested_backend
         self.skip_rest_of_forward = skip_rest_of_forward
         self.observer = observer
-        self.model_input = None
+        self.tokens = None                   # the batch's BatchTokens
         self.discovering = True
-        self.called: set = set()
-        self.finder = GroupFinder()
+        self.called: List[str] = []          # targets in first-call order (discovery)
+        self.views = LiveViews()             # input view -> (view id, group of its first caller)
+        self._views_seen = 0
+        self.signature: Dict[str, list] = {}  # target -> view id of each call (discovery)
+        self._held_rows: Optional[list] = None  # on_rows events of the discovery forward, held
         self.handles: Dict[str, Any] = {}
         self.hooked_groups = 0
         self.complete_groups = 0
@@ -136,6 +158,7 @@ class Capture:
     def remove_hooks(self) -> None:
         for name in list(self.handles):
             self._detach(name)
+        self.layout.end_discovery()
 
     def set_hooked(self, group: GroupState, hooked: bool) -> None:
         """(Un)hook the group's leader."""
@@ -151,28 +174,65 @@ class Capture:
         return hook
 
     # ------------------------------------------------------------------ per batch ----------
-    def begin_batch(self, model_input) -> None:
-        """Reset the per-step counters; ``model_input`` is what the layer rules receive."""
-        self.model_input = model_input
+    def begin_batch(self, tokens, batch=None) -> None:
+        """Reset the per-step counters; ``tokens`` (:class:`eva.engine.batch_tokens.BatchTokens`)
+        are the batch's token rules. During discovery ``batch`` (the batch handed to the forward)
+        lets the layout see which modules receive which batch tensors."""
+        self.tokens = tokens
         for g in self.state.groups:
             g.hooks.captured = False
             g.hooks.this_step = 0
         self.complete_groups = 0
         self.hooked_groups = sum(g.hooks.hooked for g in self.state.groups)
+        if self.discovering:
+            self.layout.begin_discovery(batch)
+            self._held_rows = [] if (self.accumulate and wants_rows(self.observer)) else None
 
-    def finish_discovery(self) -> None:
-        """After the first forward: every target was called; only group leaders stay hooked."""
-        never = [n for n in self.state.order if n not in self.called]
+    def finish_discovery(self) -> bool:
+        """After the first forward: every target was called; groups checked call by call (split
+        where members' calls differ); only group leaders stay hooked. Returns True when groups
+        were split after the first batch was accumulated: the caller must accumulate it again."""
+        never = [n for n in self.state.order if n not in self.signature]
         if never:
             raise EvaError(f"target layer(s) never called during the forward pass: {never[:8]}"
                            f"{' ...' if len(never) > 8 else ''}; remove them from target_modules or make "
                            "forward_fn run them")
+        self.layout.end_discovery()
         self.discovering = False
-        self.finder.clear()
+        self.views.clear()
+        split = self._check_groups()
+        held, self._held_rows = self._held_rows, None
+        if held is not None and not split:
+            for group, rows, mask in held:
+                self.observer.on_rows(group, rows, mask)
         self.remove_hooks()
         for g in self.state.groups:
             g.hooks.hooked = False
             self.set_hooked(g, True)
+        return split and self.accumulate
+
+    def _check_groups(self) -> bool:
+        """Regroup by call signature when a tentative group's members were called differently."""
+        state = self.state
+        for g in state.groups:
+            g.hooks.per_forward = len(self.signature[g.leader])
+        if all(self.signature[m] == self.signature[g.leader] for g in state.groups for m in g.members):
+            return False
+        state.split_groups = [list(g.members) for g in state.groups
+                              if any(self.signature[m] != self.signature[g.leader] for m in g.members)]
+        for g in state.groups:
+            if g.stats is not None:
+                state.stat_bytes -= g.stats.release()
+        sig = {n: (tuple(self.signature[n]), id(self.rules[n])) for n in self.called}
+        state.groups, state.group_of = [], {}
+        for members in group_by_signature(self.called, sig):
+            g = GroupState(index=len(state.groups), members=members, d=state.targets[members[0]].in_features,
+                           max_components=max(state.targets[m].max_components for m in members))
+            g.hooks.per_forward = len(self.signature[members[0]])
+            state.groups.append(g)
+            for m in members:
+                state.group_of[m] = g
+        return True
 
     def _on_input(self, name: str, args, kwargs) -> None:
         layer_input = args if args else tuple(v for v in kwargs.values() if isinstance(v, Tensor))
@@ -182,16 +242,17 @@ class Capture:
                            "(and the inputs) before running EVA")
         rule = self.rules[name]
         if self.discovering:
+            self.layout.record_call(name, raw)
+            call = len(self.layout.calls[name]) - 1
             group = self._discover(name, raw, rule)
             if group is not None:
-                group.hooks.per_forward += 1
                 if self.accumulate:
-                    self._accumulate(group, name, layer_input, rule)
+                    self._accumulate(group, name, layer_input, rule, call)
                 else:
-                    self._rows(group, name, layer_input, rule)
+                    self._rows(group, name, layer_input, rule, call)
             return
         group = self.state.group_of[name]
-        self._accumulate(group, name, layer_input, rule)
+        self._accumulate(group, name, layer_input, rule, group.hooks.this_step)
         group.hooks.this_step += 1
         if group.hooks.this_step == group.hooks.per_forward:
             self.complete_groups += 1
@@ -199,37 +260,45 @@ class Capture:
                 raise _StopForward()
 
     def _discover(self, name: str, raw: Optional[Tensor], rule) -> Optional[GroupState]:
-        """The group that accumulates this call during discovery (None: a follower's call)."""
+        """Record this call's input view; the group that accumulates it (None: a follower's call).
+
+        A layer's first call joins the group of the first layer that saw the same live view
+        (tentatively: :meth:`_check_groups` compares every call at the end of the forward)."""
         state = self.state
-        self.called.add(name)
         target = state.targets[name]
+        seen = self.views.get(raw, id(rule))
+        if seen is None:
+            seen, self._views_seen = (self._views_seen, None), self._views_seen + 1
+        vid, view_group = seen
+        first_call = name not in self.signature
+        self.signature.setdefault(name, []).append(vid)
+        if first_call:
+            self.called.append(name)
         group = state.group_of.get(name)
-        if group is None and raw is not None:
-            group = self.finder.match(raw, id(rule))
-            if group is not None:  # same view of the same live tensor: share the statistic
-                group.members.append(name)
-                group.max_components = max(group.max_components, target.max_components)
-                state.group_of[name] = group
-                return None
+        if group is None and view_group is not None:  # same view of the same live tensor: share the statistic
+            group = view_group
+            group.members.append(name)
+            group.max_components = max(group.max_components, target.max_components)
+            state.group_of[name] = group
+            return None
         if group is None:
             group = GroupState(index=len(state.groups), members=[name], d=target.in_features,
                                max_components=target.max_components)
             state.groups.append(group)
             state.group_of[name] = group
-        elif group.leader != name:
-            return None
-        if raw is not None:
-            self.finder.remember(raw, id(rule), group)
-        return group
+        if self.views.get(raw, id(rule)) is None:
+            self.views.put(raw, id(rule), (vid, group))
+        return group if group.leader == name else None
 
-    def _rows(self, group: GroupState, name: str, layer_input, rule):
-        """The rows (N, d) and optional mask (N,) this call contributes, checked."""
+    def _rows(self, group: GroupState, name: str, layer_input, rule, call: int):
+        """The rows (N, d) and optional mask (N,) call ``call`` of layer ``name`` contributes, checked."""
         if rule is MASKED_TOKENS:
-            rows, mask = layer_rows_and_mask(layer_input, self.model_input, name)
+            x = first_tensor(layer_input, name)
+            rows, mask = masked_rows(x, self.tokens.rule(name, call), name, self.layout.convert_resolution, call)
         elif rule is ALL_TOKENS:
             rows, mask = all_token_rows(layer_input, name), None
         else:
-            rows, mask = rule(layer_input, self.model_input, name), None
+            rows, mask = rule(layer_input, self.tokens.user_input(name, call), name), None
             if not isinstance(rows, Tensor) or rows.dim() != 2:
                 raise EvaError(f"layer {name}: prepare_layer_inputs_fn must return a 2-D (tokens, d) tensor, got "
                                f"{tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__}")
@@ -242,9 +311,9 @@ class Capture:
             rows = rows.to(torch.float32)
         return rows, mask
 
-    def _accumulate(self, group: GroupState, name: str, layer_input, rule) -> None:
-        rows, mask = self._rows(group, name, layer_input, rule)
-        new = group.stats is None
+    def _accumulate(self, group: GroupState, name: str, layer_input, rule, call: int) -> None:
+        rows, mask = self._rows(group, name, layer_input, rule, call)
+        new = group.stats is None or not group.stats.live
         if new:
             group.stats = RunningStats(group.d, rows.device, self.centered, self._backend(rows.device),
                                        traffic=self.state.traffic if self.state.distributed else None,
@@ -252,7 +321,10 @@ class Capture:
         elif group.stats.device != rows.device:
             raise EvaError(f"layer {name}: input moved from {group.stats.device} to {rows.device} between "
                            "batches; keep each layer on one device during EVA")
-        self.observer.on_rows(group, rows, mask)
+        if self._held_rows is not None:
+            self._held_rows.append((group, rows, mask))
+        else:
+            self.observer.on_rows(group, rows, mask)
         t0 = time.perf_counter()
         group.stats.update(rows, mask)
         self.state.stats_seconds += time.perf_counter() - t0

@@ -142,6 +142,7 @@ def _metadata(state: RunState, settings: EvaSettings, layers: dict) -> dict:
         "settings": settings.metadata(),
         "layers": layers,
         "groups": [g.members for g in state.groups],
+        "groups_split": [list(m) for m in state.split_groups],  # layers that shared a first input only
         "run": _run_info(state),
     }
 

@@ -24,7 +24,7 @@ import warnings
 from typing import Callable, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import eva_kernels
 
@@ -39,13 +39,15 @@ from .finalize import build_result
 from .observer import EvaObserver, Observers, ProgressBar
 from .solve import Solver
 from .state import RunState
-from .tokens import move_inputs_to_device, token_mask
+from .batch_tokens import BatchTokens, from_batch, from_model_input
+from .sequences import SequenceLayout
+from .tokens import move_inputs_to_device
 from .variance_floor import apply_variance_floor
 
 #: ``Traffic.step`` of the collectives of the final solves.
 FINAL_SOLVES = -1
 
-#: Marker for the built-in model-input rule (:func:`eva.engine.tokens.token_mask` with the
+#: Marker for the built-in model-input rule (:func:`eva.engine.batch_tokens.from_batch` with the
 #: resolved label-mask settings): what the default ``prepare_model_inputs_fn`` is turned into.
 TOKEN_MASK = object()
 
@@ -83,20 +85,19 @@ class Engine:
         self._fetched = False  # whether a batch was fetched yet (the first step's rank check)
 
     # ---------------------------------------------------------------- one step -------------
-    def _model_input(self, batch):
+    def _model_input(self, batch) -> BatchTokens:
+        """The batch's token rules per sequence (:mod:`eva.engine.batch_tokens`)."""
+        layout = self.capture.layout
         if self.prepare_model_inputs_fn is TOKEN_MASK:
-            return token_mask(batch, self.settings.use_label_mask, self.settings.label_mask_value)
+            return from_batch(batch, layout, self.settings.use_label_mask, self.settings.label_mask_value)
         if self.prepare_model_inputs_fn is None:
-            return batch
-        return self.prepare_model_inputs_fn(batch, self.settings.peft_config)
+            return from_model_input(batch, layout, is_batch=True)
+        return from_model_input(self.prepare_model_inputs_fn(batch, self.settings.peft_config), layout,
+                                is_batch=False)
 
     @staticmethod
-    def _batch_mask_is_empty(model_input) -> bool:
-        if isinstance(model_input, Tensor):
-            if model_input.dtype == torch.bool:
-                return not bool(model_input.any())
-            return model_input.numel() == 0
-        return False
+    def _batch_mask_is_empty(tokens: BatchTokens) -> bool:
+        return tokens.keeps_nothing()
 
     def _forward(self, batch) -> None:
         try:
@@ -117,11 +118,16 @@ class Engine:
         return self.state.groups
 
     def _need(self, group) -> int:
-        """Components ``group`` must converge on: what its layers need under the current allocation."""
-        return self.state.needed(group)
+        """Components ``group`` must converge on: all of its ``r * rho`` (the default rule,
+        ``convergence="all_components"``), or what its layers need under the current allocation
+        (``"allocated_ranks"``, PEFT's rule)."""
+        if self.opts.convergence == "allocated_ranks":
+            return self.state.needed(group)
+        return group.max_components
 
     def _reallocate(self) -> None:
-        if all(g.estimate.ratios is not None for g in self.state.groups):
+        """Mid-run allocation: only the allocated-ranks rule needs it (the final one is in finalize)."""
+        if self.opts.convergence == "allocated_ranks" and all(g.estimate.ratios is not None for g in self.state.groups):
             allocation.reallocate(self.state)
 
     def _update_convergence(self) -> None:
@@ -152,9 +158,11 @@ class Engine:
         state = self.state
         tf = time.perf_counter()
         self._forward(batch)
+        if self.capture.discovering and self.capture.finish_discovery():
+            # groups were split call by call: the first batch again, into the final groups
+            self.capture.begin_batch(self.capture.tokens)
+            self._forward(batch)
         state.forward_seconds += time.perf_counter() - tf
-        if self.capture.discovering:
-            self.capture.finish_discovery()
         # distributed: the hooked groups, captured on some rank (lockstep)
         self._end_step(lambda g: g.hooks.captured or (state.distributed and g.hooks.hooked))
 
@@ -258,7 +266,7 @@ class Engine:
                     warnings.warn(f"EVA: skipping batch {state.step}: no token left after masking")
                     state.step += 1
                     continue
-                self.capture.begin_batch(model_input)
+                self.capture.begin_batch(model_input, batch)
                 self._step(batch)
                 if state.all_settled():
                     state.stop_reason = "converged"
@@ -309,8 +317,8 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
     state = RunState.for_targets(targets, distributed)
     observer = Observers(observers)
     rules = layer_rules(prepare_layer_inputs_fn, state, masked_layer_defaults)
-    capture = Capture(state, rules, settings.options.centered, settings.options.backend,
-                      settings.options.skip_rest_of_forward, observer)
+    capture = Capture(state, rules, SequenceLayout(model, targets), settings.options.centered,
+                      settings.options.backend, settings.options.skip_rest_of_forward, observer)
     engine = Engine(model, state, capture, settings, forward_fn, prepare_model_inputs_fn, device, observer,
                     show_progress_bar)
     if distributed:  # PEFT's warning, word for word, then how we combine the ranks

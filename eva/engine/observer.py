@@ -63,6 +63,14 @@ class Observers(EvaObserver):
             obs.on_finish(state)
 
 
+def wants_rows(observer: EvaObserver) -> bool:
+    """Whether ``observer`` (or one inside an :class:`Observers`) handles ``on_rows``: the engine
+    then holds the first forward's rows until its groups are final (rows are not copied)."""
+    if isinstance(observer, Observers):
+        return any(wants_rows(o) for o in observer.items)
+    return type(observer).on_rows is not EvaObserver.on_rows
+
+
 class ProgressBar(EvaObserver):
     """tqdm bar: converged layers, layers reopened by a reallocation, tokens/s (one tick a step).
 

@@ -127,12 +127,6 @@ class LayerSequentialEngine(Engine):
     def _in_play(self) -> List:
         return self.window_groups
 
-    def _need(self, group) -> int:
-        return group.max_components  # the allocation is unknown until every block was seen
-
-    def _reallocate(self) -> None:
-        pass
-
     # --------------------------------------------------------- batches ----------------------
     def _take(self):
         """``(index, batch, model_input)`` of the next usable batch, or None (``out_of_data`` says why)."""
@@ -204,7 +198,7 @@ class LayerSequentialEngine(Engine):
         capture = self.capture
         capture.accumulate = False
         capture.attach_all_targets()
-        capture.begin_batch(model_input)
+        capture.begin_batch(model_input, batch)
         probe = BlockProbe(self.blocks) if self.blocks is not None else None
         t0 = time.perf_counter()
         if probe is None:
@@ -363,7 +357,7 @@ class LayerSequentialEngine(Engine):
         old = self.state
         state = RunState.for_targets([old.targets[n] for n in old.order], old.distributed)
         state.memory_budget = old.memory_budget
-        capture = Capture(state, self.capture.rules, self.opts.centered, self.opts.backend,
+        capture = Capture(state, self.capture.rules, self.capture.layout, self.opts.centered, self.opts.backend,
                           self.opts.skip_rest_of_forward, self.capture.observer)
         engine = Engine(self.model, state, capture, self.settings, self.forward_fn, self.prepare_model_inputs_fn,
                         self.device, self.observer, self.show_progress_bar)

@@ -24,6 +24,7 @@ from ..config import EvaOptions
 from ..errors import EvaError
 from .state import GroupState
 from .statistics import variance_terms_batched
+from .variance_floor import resolution
 
 
 def _nan_error(members, step: int) -> EvaError:
@@ -107,7 +108,8 @@ class Solver:
             reduce=reduce)
         shifts = [s.shift for s in stats]
         shift = torch.stack(shifts) if centred and all(x is not None for x in shifts) else None
-        var = variance_terms_batched(centred, diag, colsum, count, shift)
+        var = variance_terms_batched(centred, diag, colsum, count, shift,
+                                     [resolution(s.input_roundoff) for s in stats])
         finite = (torch.isfinite(colsum).all(-1) & torch.isfinite(diag).all(-1)).to(torch.float64)
         eig = torch.stack([r.eigenvalues for r in res]).to(torch.float64)
         vecs = torch.stack([r.eigenvectors for r in res])

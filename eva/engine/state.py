@@ -115,6 +115,7 @@ class RunState:
     windows: List[Dict[str, Any]] = field(default_factory=list)  # layer-sequential windows, as run
     peak_cache_bytes: int = 0             # peak bytes of cached block inputs (layer-sequential)
     traffic: Traffic = field(default_factory=Traffic)  # this rank's collectives (distributed runs)
+    split_groups: List[List[str]] = field(default_factory=list)  # first-call groups split by call signature
 
     @classmethod
     def for_targets(cls, targets: List[Any], distributed: bool) -> "RunState":

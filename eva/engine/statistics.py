@@ -14,7 +14,7 @@ token consumed. Uncentred mode uses s = 0 and no correction.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch import Tensor
 import eva_kernels
 
 from ..distributed import Traffic, global_mean, masked_sum_and_count
+from .variance_floor import resolution
 
 
 class RunningStats:
@@ -96,33 +97,42 @@ class RunningStats:
         return (colsum, count) if self.centered else (None, None)
 
     def variance_terms(self, diag: Tensor, colsum: Tensor, count: Tensor) -> Tensor:
-        """(3,) float64 ``[V, S, R]`` for the zero-variance test (no sync; see :mod:`eva.variance_floor`).
+        """(3,) float64 ``[V, S, F]`` for the zero-variance test (no sync; see :mod:`eva.engine.variance_floor`).
 
         ``S = trace(cov) = sum ||x_i - s||^2`` (what was accumulated about the shift ``s``),
         ``V = S - ||colsum||^2 / n`` the total variance (centred mode; ``V = S`` uncentred),
-        ``R = S + 2 s . colsum + n ||s||^2 = sum ||x_i||^2`` the raw energy of the tokens.
+        ``F`` the number of features whose variance exceeds the rounding of their own elements.
         ``diag`` (d,) is the diagonal of ``cov``; ``diag``/``colsum``/``count`` may be the
         rank-summed ones of a distributed run.
         """
         return variance_terms_batched(self.centered, diag[None], colsum[None], count.reshape(1),
-                                      None if self.shift is None else self.shift[None])[0]
+                                      None if self.shift is None else self.shift[None],
+                                      [resolution(self.input_roundoff)])[0]
 
 
 def variance_terms_batched(centered: bool, diag: Tensor, colsum: Tensor, count: Tensor,
-                           shift: Optional[Tensor]) -> Tensor:
-    """(G, 3) float64 ``[V, S, R]`` of G groups of one mode and width in one set of launches.
+                           shift: Optional[Tensor], resolutions: Sequence[float]) -> Tensor:
+    """(G, 3) float64 ``[V, S, F]`` of G groups of one mode and width in one set of launches.
 
     diag (G, d): the diagonals of the groups' ``cov``; colsum (G, d); count (G,); shift (G, d)
-    or None (uncentred, or no shift). The math is :meth:`RunningStats.variance_terms`'.
+    or None (uncentred, or no shift); ``resolutions`` (G,) host floats: each group's relative
+    rounding floor (:func:`eva.engine.variance_floor.resolution`). Per feature ``j``:
+    ``V_j = diag_j - colsum_j^2 / n`` (centred; ``diag_j`` uncentred) and the raw energy
+    ``R_j = diag_j + 2 s_j colsum_j + n s_j^2 = sum_i x_ij^2``; ``F = #{j: V_j > resolution R_j}``.
     """
-    acc = diag.to(torch.float64).sum(-1)
-    if not centered:
-        return torch.stack([acc, acc, acc], dim=-1)
-    c = colsum.to(torch.float64)
-    n = count.to(torch.float64)
-    total = acc - (c * c).sum(-1) / n.clamp_min(1)
-    raw = acc
-    if shift is not None:
-        sh = shift.to(torch.float64)
-        raw = acc + 2 * (sh * c).sum(-1) + n * (sh * sh).sum(-1)
-    return torch.stack([total, acc, raw], dim=-1)
+    acc = diag.to(torch.float64)
+    var, raw = acc, acc
+    if centered:
+        c = colsum.to(torch.float64)
+        n = count.to(torch.float64).clamp_min(1)[:, None]
+        var = acc - c * c / n
+        if shift is not None:
+            sh = shift.to(torch.float64)
+            raw = acc + 2 * sh * c + n * sh * sh
+    res = list(resolutions)
+    if len(set(res)) == 1:  # the usual case: a Python scalar, no host-to-device copy
+        floor = res[0] * raw
+    else:
+        floor = torch.tensor(res, dtype=torch.float64, device=acc.device)[:, None] * raw
+    above = (var > floor).sum(-1).to(torch.float64)
+    return torch.stack([var.sum(-1), acc.sum(-1), above], dim=-1)

@@ -11,9 +11,12 @@ The defaults also accept what PEFT's functions produce (index tensors of shape (
 """
 from __future__ import annotations
 
+from typing import Callable, Mapping, Optional
+
 from torch import Tensor
 
 from ..config import eva_values
+from ..engine.capture import LayerInputRules
 from ..engine.tokens import layer_rows_and_mask, token_mask
 
 
@@ -22,9 +25,14 @@ def forward_fn_dict(model, inputs):
     return model(**inputs)
 
 
-def prepare_model_inputs_fn_language_modeling(model_input, peft_config) -> Tensor:
+def prepare_model_inputs_fn_language_modeling(model_input, peft_config) -> Optional[Tensor]:
     """Boolean token mask (B, T): the attention mask, AND ``labels != label_mask_value``
-    when ``eva_config.use_label_mask`` (defaults: :mod:`eva.config`) and the batch has labels."""
+    when ``eva_config.use_label_mask`` (defaults: :mod:`eva.config`) and the batch has labels;
+    None when the batch has no token sequence (every token).
+
+    Passed to :func:`eva.get_eva_state_dict` (the default), the engine applies the same rule per
+    sequence: an encoder-decoder model's encoder layers take ``attention_mask``, its decoder
+    layers ``decoder_attention_mask`` and the labels (:mod:`eva.engine.batch_tokens`)."""
     values = eva_values(peft_config)
     return token_mask(model_input, values["use_label_mask"], values["label_mask_value"])
 
@@ -38,3 +46,15 @@ def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_na
     return rows if mask is None else rows[mask]
 
 
+
+
+def layer_input_rules(overrides: Mapping[str, Callable],
+                      default: Optional[Callable] = prepare_layer_inputs_fn_language_modeling) -> LayerInputRules:
+    """A ``prepare_layer_inputs_fn`` mapping for a few layers whose every other layer keeps ``default``.
+
+    A plain dict follows PEFT's rule: a target layer missing from it uses every token of its
+    input, padding included. ``layer_input_rules({"model.layers.0.mlp.fc1": fn})`` gives ``fn`` to
+    that layer and the default masked rule (padding and label mask) to all the others.
+    ``default=None`` restores PEFT's rule for the others.
+    """
+    return LayerInputRules(overrides, default)

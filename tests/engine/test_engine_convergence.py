@@ -1,4 +1,6 @@
-"""Convergence bookkeeping: hooks detach on convergence and re-attach when a group's rank grows."""
+"""Convergence bookkeeping: hooks detach on convergence; under the default rule a rank
+reallocation never pauses a layer; under PEFT's rule (``convergence="allocated_ranks"``) a
+layer whose rank drops to 0 is detached and re-attached when its rank grows."""
 from __future__ import annotations
 
 import torch
@@ -15,12 +17,27 @@ def cfg(tau):
     return LoraConfig(r=3, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=tau))
 
 
-def test_group_reattached_when_its_rank_grows(tiny_llama, monkeypatch, token_spy):
+def test_rank_moves_never_pause_a_layer_by_default(tiny_llama, monkeypatch, token_spy):
+    """tau = 1.0, the loader read once: every layer consumes every batch, whatever the allocation
+    does mid-run (the victim's rank is 0 at the first two checks)."""
     victim = "layers.0.self_attn.o_proj"
-    # after batches 0 and 1 the victim needs nothing: converged, hook detached
     starve_layer_at_first(monkeypatch, victim, allocations=2)
     batches = random_token_batches(tiny_llama.config.vocab_size, 6, batch=3, seq=11)
     sd = eva.get_eva_state_dict(tiny_llama, batches, cfg(tau=1.0), show_progress_bar=False, observers=[token_spy])
+    kept = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert sd.metadata["settings"]["convergence"] == "all_components"
+    for name, info in sd.metadata["layers"].items():
+        assert info["steps"] == 6 and info["tokens"] == kept, name
+        assert sum(r.shape[0] for r in token_spy[info["group"]]) == kept
+
+
+def test_group_reattached_when_its_rank_grows(tiny_llama, monkeypatch, token_spy):
+    victim = "layers.0.self_attn.o_proj"
+    # PEFT's rule: after batches 0 and 1 the victim needs nothing: converged, hook detached
+    starve_layer_at_first(monkeypatch, victim, allocations=2)
+    batches = random_token_batches(tiny_llama.config.vocab_size, 6, batch=3, seq=11)
+    sd = eva.get_eva_state_dict(tiny_llama, batches, cfg(tau=1.0), show_progress_bar=False, observers=[token_spy],
+                                convergence="allocated_ranks")
     info = sd.metadata["layers"]
     assert sd.metadata["run"]["steps"] == 6
     assert info["layers.0.self_attn.q_proj"]["steps"] == 6

@@ -136,14 +136,33 @@ def test_fewer_tokens_than_components(gpt2):
 # ---------------------------------------------------------------------- batch format -------
 def test_non_dict_batches_need_own_model_inputs_fn(gpt2):
     before = snapshot(gpt2)
-    with pytest.raises(TypeError, match=r"^When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary.*prepare_model_inputs_fn=None"):
-        run(gpt2, [b["input_ids"] for b in batches(2)], forward_fn=lambda m, x: m(input_ids=x))
+    data = [b["input_ids"] for b in batches(2)]
+    with pytest.raises(TypeError, match=r"^When using `prepare_model_inputs_fn_language_modeling` inputs must be a "
+                                        r"dictionary.*prepare_model_inputs_fn=None to use every token.*forward_fn"):
+        run(gpt2, data, forward_fn=lambda m, x: m(input_ids=x))
+    assert_restored(gpt2, before)
+    # the advice, followed: a tensor batch carries no mask, so every token is used
+    sd = run(gpt2, data, forward_fn=lambda m, x: m(input_ids=x), prepare_model_inputs_fn=None)
+    assert all(info["tokens"] == 2 * 3 * 17 for info in sd.metadata["layers"].values())
     assert_restored(gpt2, before)
 
 
-def test_batch_without_ids_or_mask(gpt2):
+def test_batch_without_a_mask_uses_every_token(gpt2, token_spy):
+    """inputs_embeds without attention_mask (and pixel values, audio features): no mask, every
+    token, with the default input functions and with prepare_layer_inputs_fn=None alike."""
     before = snapshot(gpt2)
-    data = [{"inputs_embeds": torch.randn(2, 5, D)}]
-    with pytest.raises(EvaError, match=r"neither attention_mask nor input_ids.*prepare_model_inputs_fn"):
-        run(gpt2, data)
+    torch.manual_seed(0)
+    data = [{"inputs_embeds": torch.randn(2, 5, D)} for _ in range(3)]
+    sd = run(gpt2, data, observers=[token_spy])
+    assert all(info["tokens"] == 30 for info in sd.metadata["layers"].values())
+    assert all(sum(r.shape[0] for r in rows) == 30 for rows in token_spy.values())
+    sd = run(gpt2, data, prepare_layer_inputs_fn=None)
+    assert all(info["tokens"] == 30 for info in sd.metadata["layers"].values())
     assert_restored(gpt2, before)
+
+
+def test_batches_of_lists_get_a_one_line_error(gpt2):
+    """A tokenizer called without return_tensors gives lists: one line naming the key and the fix."""
+    data = [{"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]]}]
+    with pytest.raises(EvaError, match=r"^the batch's 'attention_mask' is a list, not a tensor.*return_tensors='pt'"):
+        run(gpt2, data)

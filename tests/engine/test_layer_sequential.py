@@ -210,3 +210,29 @@ def test_accelerate_offloaded_model_layer_sequential(llama, tmp_path):
     sd = _run(dispatched, batches, cfg, memory_budget=2 * LLAMA_BLOCK)
     assert sd.metadata["run"]["mode"] == "layer_sequential"
     assert_same_result(sd, ref)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.9])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_result_does_not_depend_on_the_memory_budget(family, tau, request):
+    """The same data and settings give the same adapters with a 1 TB budget (all at once), a budget
+    of one layer (layer-sequential) and no budget: one convergence rule for every mode, so no
+    layer is paused by a mid-run rank allocation in one mode and not in the other."""
+    model, _, cfg, _ = request.getfixturevalue(family)
+    cfg = copy.deepcopy(cfg)
+    cfg.eva_config.tau = tau
+    cfg.r = 2
+    batches = random_token_batches(model.config.vocab_size, 10, batch=4, seq=15, seed=6)
+    one_layer = LLAMA_BLOCK if family == "llama" else 2 * statistic_bytes(32, True) + statistic_bytes(
+        96, True) + statistic_bytes(128, True)
+    big = _run(model, batches, cfg, memory_budget="1TB")
+    small = _run(model, batches, cfg, memory_budget=one_layer)
+    free = _run(model, batches, cfg)
+    assert big.metadata["run"]["mode"] == "all_at_once" and small.metadata["run"]["mode"] == "layer_sequential"
+    for run in (big, small, free):
+        assert run.metadata["settings"]["convergence"] == "all_components"
+    assert_same_result(small, big)
+    assert_same_result(free, big)
+    if tau < 1.0:  # some groups converged early: the rule was really exercised
+        steps = {i["steps"] for i in big.metadata["layers"].values()}
+        assert len(steps) > 1 or min(steps) < 10

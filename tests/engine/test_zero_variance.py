@@ -106,12 +106,13 @@ def _group(index, tokens, d, variance, eig, input_roundoff=2.0 ** -24):
     ((0.0, 0.0, 0.0), "exactly zero"),
     ((-1e-9, 1.0, 1.0), "negative (cancellation)"),
     ((float("nan"), 1.0, 1.0), "not finite"),
-    ((1e-12, 1.0, 1e4), "below fp32 resolution of the raw energy"),
+    ((1e-3, 1e-3, 0.0), "no feature above the rounding of its own elements"),
     ((1e-7, 1.0, 1.0), "below the accumulation floor"),
-    ((1e-18, 1e-18, 1e-18), "negligible next to the largest group"),
+    ((1e-18, 1e-18, 1.0), "negligible next to the largest group"),
 ], ids=["zero", "negative", "nan", "resolution", "accumulation", "relative"])
 def test_variance_floor_rules(variance, why):
-    real = _group(0, 100, 4, (40.0, 40.0, 50.0), [20.0, 10.0])
+    """``variance`` = (V, S, F): total variance, accumulated energy, features above their floor."""
+    real = _group(0, 100, 4, (40.0, 40.0, 4.0), [20.0, 10.0])
     tiny = _group(1, 100, 4, variance, [1e-3, 1e-4])
     flagged = apply_variance_floor([real, tiny])
     assert flagged == [tiny], why
@@ -120,19 +121,34 @@ def test_variance_floor_rules(variance, why):
 
 
 def test_variance_floor_keeps_small_but_real_variance():
-    real = _group(0, 100, 4, (40.0, 40.0, 50.0), [20.0])
-    small = _group(1, 100, 4, (4e-9, 4e-9, 4e-9), [2e-9])  # std 1e-5 relative to the other: real data
+    real = _group(0, 100, 4, (40.0, 40.0, 4.0), [20.0])
+    small = _group(1, 100, 4, (4e-9, 4e-9, 1.0), [2e-9])  # std 1e-5 relative to the other: real data
     assert apply_variance_floor([real, small]) == []
     assert small.estimate.ratios == [0.5]
 
 
-def test_bf16_rounding_noise_counts_as_zero_variance():
-    """Identical tokens computed in bf16 may differ by one rounding: that is no signal."""
-    real = _group(0, 100, 4, (40.0, 40.0, 50.0), [20.0])
-    noisy = _group(1, 100, 4, (1e-6, 1e-6, 1.0), [5e-7], input_roundoff=2.0 ** -8)
-    assert apply_variance_floor([real, noisy]) == [noisy]
-    noisy.stats.input_roundoff = 2.0 ** -24  # the same numbers from fp32 inputs are kept
-    assert apply_variance_floor([real, noisy]) == []
+def _features_above(x: torch.Tensor, input_roundoff: float) -> float:
+    """The engine's per-feature count F on the rows ``x`` (n, d), through RunningStats."""
+    from eva.engine.statistics import RunningStats
+    import eva_kernels
+    stats = RunningStats(x.shape[1], torch.device("cpu"), True, eva_kernels.resolve_backend("cov_update", "cpu",
+                                                                                             "torch"))
+    stats.update(x, None)
+    stats.input_roundoff = input_roundoff
+    return float(stats.variance_terms(torch.diagonal(stats.cov), stats.colsum, stats.count)[2])
+
+
+def test_rounding_is_judged_per_element():
+    """One bf16 rounding of each element is noise; a channel with a huge mean does not hide the
+    variation of the others (it used to: the floor was relative to the whole token's energy)."""
+    torch.manual_seed(0)
+    base = torch.full((64, 6), 3.0)
+    one_rounding = base * (1 + 2.0 ** -9 * torch.randint(-1, 2, base.shape))  # identical tokens, bf16-rounded
+    assert _features_above(one_rounding, 2.0 ** -8) == 0.0
+    assert _features_above(one_rounding, 2.0 ** -24) == 6.0  # from fp32 inputs the same spread is signal
+    massive = torch.randn(64, 6) * 0.02
+    massive[:, 0] += 1000.0  # bf16 keeps ~3 digits of 1000: channel 0 is noise, the other five are signal
+    assert _features_above(massive.bfloat16().float(), 2.0 ** -8) == 5.0
 
 
 def test_progress_bar_explains_reopened_layers(tiny_llama, monkeypatch, capsys):
@@ -140,6 +156,6 @@ def test_progress_bar_explains_reopened_layers(tiny_llama, monkeypatch, capsys):
     starve_layer_at_first(monkeypatch, "layers.0.self_attn.o_proj", allocations=2)
     loader = random_token_batches(97, 5, batch=3, seq=11)
     eva.get_eva_state_dict(copy.deepcopy(tiny_llama), loader, cfg(["q_proj", "o_proj"], tau=1.0),
-                           show_progress_bar=True)
+                           show_progress_bar=True, convergence="allocated_ranks")
     err = capsys.readouterr().err
     assert "1 reopened: rank moved to them" in err
