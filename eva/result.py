@@ -56,20 +56,23 @@ class EvaStateDict(dict):
         return {k: int(v.shape[0]) for k, v in self.items()}
 
     def summary(self) -> str:
-        """Human-readable table: layer, rank, top explained variance ratio, tokens, steps."""
+        """Human-readable table: layer, rank, top explained variance ratio, the tokens it used,
+        the batches it used of those the run read (all of them unless it converged earlier)."""
         layers = self.metadata.get("layers", {})
         layers = layers if isinstance(layers, dict) else {}
+        run = self.metadata.get("run", {})
+        read = run.get("batches_read") if isinstance(run, dict) else None
         width = max([len(k) for k in self] + [5])
-        lines = [f"{'layer':<{width}}  rank  evr[0]   tokens  steps  converged"]
+        lines = [f"{'layer':<{width}}  rank  evr[0]   tokens    batches  converged"]
         for name, w in self.items():
             info = layers.get(name, {})
             info = info if isinstance(info, dict) else {}
             evr = info.get("explained_variance_ratio")
             evr0 = _num(evr[0]) if isinstance(evr, list) and evr else float("nan")
             tokens, steps = info.get("tokens", 0), info.get("steps", 0)
-            lines.append(f"{name:<{width}}  {w.shape[0]:>4}  {evr0:.4f}  {tokens!s:>7}  "
-                         f"{steps!s:>5}  {info.get('converged', '?')}")
-        run = self.metadata.get("run", {})
+            batches = f"{steps}/{read}" if isinstance(read, int) else f"{steps}"
+            lines.append(f"{name:<{width}}  {w.shape[0]:>4}  {evr0:.4f}  {tokens!s:>7}  {batches:>9}  "
+                         f"{info.get('converged', '?')}")
         if isinstance(run, dict) and run:
             lines.append(f"total rank {sum(self.ranks.values())} (budget {run.get('rank_budget')}), "
                          f"{run.get('steps')} batches, {_num(run.get('seconds'), 0.0):.2f} s")

@@ -9,8 +9,9 @@ that needs it, and its prefix (embeddings) once.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ def move(obj, device: torch.device, memo: Dict[int, Tensor]):
         return tuple(move(v, device, memo) for v in obj)
     if isinstance(obj, list):
         return [move(v, device, memo) for v in obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: move(v, device, memo) for k, v in obj.items()}
     return obj
 
@@ -42,6 +43,18 @@ def move(obj, device: torch.device, memo: Dict[int, Tensor]):
 def offload(obj, device: torch.device, memo: Dict[int, Tensor]):
     """:func:`move` to the offload device (the one place that can run out of its memory)."""
     return move(obj, device, memo)
+
+
+def _tensors(obj):
+    """The tensors inside ``obj`` (tuples, lists, dicts), in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
 
 
 def _bytes(tensors) -> int:
@@ -67,6 +80,8 @@ class CachedBatch:
     device: torch.device
     arg_bytes: int = 0
     memo: Dict[int, Tensor] = field(default_factory=dict, repr=False)
+    batch: Any = None                       # the batch itself (a tail window's full forwards), offloaded
+    batch_device: Optional[torch.device] = None  # where the forward took it
 
 
 class BlockInputCache:
@@ -93,8 +108,9 @@ class BlockInputCache:
         self.nbytes += delta
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
-    def add(self, index: int, model_input, calls: List[BlockCall]) -> CachedBatch:
-        """Cache a new batch at level 0 from the calls its stubbed forward recorded."""
+    def add(self, index: int, model_input, calls: List[BlockCall], batch=None) -> CachedBatch:
+        """Cache a new batch at level 0 from the calls its stubbed forward recorded (and, when
+        given, the batch itself: its tensors count as block arguments)."""
         hidden = calls[0].hidden
         memo: Dict[int, Tensor] = {}
         what = f"the block inputs of batch {index}"
@@ -105,7 +121,18 @@ class BlockInputCache:
                             arg_bytes, memo)
         self.entries.append(entry)
         self._account(arg_bytes + _bytes([entry.hidden]))
+        if batch is not None:
+            self.keep_batch(entry, batch)
         return entry
+
+    def keep_batch(self, entry: CachedBatch, batch) -> None:
+        """Keep ``entry``'s batch itself too (for full forwards), offloaded; its new tensors counted."""
+        before = _bytes(entry.memo.values())
+        entry.batch_device = next((t.device for t in _tensors(batch)), None)
+        entry.batch = self._to_offload(batch, entry.memo, f"batch {entry.index}")
+        grown = _bytes(entry.memo.values()) - before
+        entry.arg_bytes += grown
+        self._account(grown)
 
     def store(self, entry: CachedBatch, level: int, hidden: Tensor) -> None:
         """``hidden``, block ``level``'s input for ``entry``'s batch, replaces the cached one."""
@@ -118,6 +145,11 @@ class BlockInputCache:
     def hidden(entry: CachedBatch):
         """``entry``'s cached hidden states, on the model's device."""
         return move(entry.hidden, entry.device, {})
+
+    @staticmethod
+    def batch(entry: CachedBatch):
+        """``entry``'s batch, back where the forward took it."""
+        return move(entry.batch, entry.batch_device, {}) if entry.batch_device is not None else entry.batch
 
     @staticmethod
     def call(entry: CachedBatch, j: int) -> BlockCall:

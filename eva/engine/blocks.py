@@ -2,8 +2,10 @@
 
 * :func:`find_blocks` — the block list: the module named by ``EvaOptions.blocks``, or the
   ``nn.ModuleList`` / ``nn.Sequential`` of at least two same-class modules holding the most
-  parameters (a decoder's ``model.layers``, GPT-2's ``transformer.h``, BERT's ``encoder.layer``;
-  an MoE layer's expert list is smaller than the list of layers that contains it).
+  target statistics, then the most parameters (a decoder's ``model.layers``, GPT-2's
+  ``transformer.h``, BERT's ``encoder.layer``; the encoder's list of an encoder-decoder model
+  whose targets are all in the encoder; an MoE layer's expert list is smaller than the list of
+  layers that contains it).
 * :class:`BlockList` — the blocks, which block holds a module, and the call format of each block.
 * :class:`BlockStubs` — a context in which every block's ``forward`` is a recorder: it keeps the
   arguments the model passes each block and hands its hidden-state input back unchanged, so one
@@ -139,9 +141,10 @@ def _size(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def find_blocks(model: nn.Module, name: Optional[str]) -> Optional[BlockList]:
+def find_blocks(model: nn.Module, name: Optional[str], weights: Optional[Dict[int, int]] = None) -> Optional[BlockList]:
     """The block list named ``name`` (also under a PeftModel's ``base_model.model.``), or, when
-    ``name`` is None, the largest list of >= 2 same-class modules; None when there is none.
+    ``name`` is None, the list of >= 2 same-class modules holding the most ``weights`` (module id
+    -> bytes of its statistic: the targets), then the most parameters; None when there is none.
 
     Raises :class:`EvaError` when ``name`` is given but is not a module list of the model.
     """
@@ -154,12 +157,29 @@ def find_blocks(model: nn.Module, name: Optional[str]) -> Optional[BlockList]:
         raise EvaError(f"blocks={name!r} is not an nn.ModuleList or nn.Sequential of the model; lists of "
                        f"same-class blocks in this model: {shown or 'none'}")
     best = None
+    weights = weights or {}
     for lname, lst in lists.items():
         if len(lst) >= 2 and _same_class(lst):
-            key = (_size(lst), len(lst))
+            held = sum(weights.get(id(m), 0) for block in lst for m in block.modules())
+            key = (held, _size(lst), len(lst))
             if best is None or key > best[0]:
                 best = (key, lname, lst)
     return None if best is None else BlockList(best[1], list(best[2]))
+
+
+def containing_lists(model: nn.Module, modules: List[nn.Module], exclude: str) -> Dict[str, List[str]]:
+    """Block lists of ``model`` (>= 2 same-class modules, other than ``exclude``) that hold some
+    of ``modules``: ``{list name: [names of the modules it holds]}`` (suggestions for ``blocks=``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: Dict[str, List[str]] = {}
+    for lname, lst in _named_lists(model):
+        if lname == exclude or len(lst) < 2 or not _same_class(lst):
+            continue
+        inside = {id(m) for block in lst for m in block.modules()}
+        held = [names[id(m)] for m in modules if id(m) in inside and id(m) in names]
+        if held:
+            out[lname] = held
+    return out
 
 
 class BlockStubs:

@@ -112,6 +112,7 @@ def _run_info(state: RunState) -> dict:
     """The ``run`` section of the metadata (one place, shared with :func:`empty_result`)."""
     return {
         "steps": state.step,
+        "batches_read": state.batches_read,
         "stop_reason": state.stop_reason,
         "rank_budget": state.budget,
         "seconds": (time.perf_counter() - state.started) if state.started else 0.0,

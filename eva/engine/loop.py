@@ -267,6 +267,7 @@ class Engine:
                     state.step += 1
                     continue
                 self.capture.begin_batch(model_input, batch)
+                state.batches_read += 1
                 self._step(batch)
                 if state.all_settled():
                     state.stop_reason = "converged"
@@ -338,7 +339,9 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
     if budget is not None and not memory_budget.fits_at_once([t.in_features for t in targets], budget,
                                                             settings.options.centered):
         from .sequential import LayerSequentialEngine
-        blocks = find_blocks(model, settings.options.blocks)
+        weights = {id(t.module): memory_budget.statistic_bytes(t.in_features, settings.options.centered)
+                   for t in targets}
+        blocks = find_blocks(model, settings.options.blocks, weights)
         engine = LayerSequentialEngine(engine, blocks, budget)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

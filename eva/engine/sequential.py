@@ -46,7 +46,7 @@ from ..sizes import format_bytes
 from . import memory_budget
 from .block_inputs import BlockInputCache, CachedBatch
 from .block_probe import BlockProbe, compare_calls
-from .blocks import BlockCall, BlockList, BlockStubs
+from .blocks import BlockCall, BlockList, BlockStubs, containing_lists, find_blocks
 from .capture import Capture
 from .finalize import build_result, polish_groups
 from .loop import FINAL_SOLVES, Engine
@@ -122,6 +122,7 @@ class LayerSequentialEngine(Engine):
         self.it = None
         self.exhausted = False
         self.out_of_data = ""                   # why no new batch can come: "exhausted" / "max_steps"
+        self.keep_batches = False               # cache the batches themselves (a tail window needs them)
 
     # --------------------------------------------------------- convergence rule -------------
     def _in_play(self) -> List:
@@ -177,7 +178,8 @@ class LayerSequentialEngine(Engine):
             problem = compare_calls(self.blocks, real, calls)
             if problem:
                 raise self._not_replayable(problem)
-        entry = self.cache.add(index, model_input, calls)
+        entry = self.cache.add(index, model_input, calls, batch if self.keep_batches else None)
+        self.state.batches_read += 1
         self.state.peak_cache_bytes = self.cache.peak_bytes
         return entry
 
@@ -188,9 +190,10 @@ class LayerSequentialEngine(Engine):
         return None if got is None else self._cache(*got)
 
     def _not_replayable(self, problem: str) -> EvaError:
+        need = sum(memory_budget.statistic_bytes(g.d, self.opts.centered) for g in self.state.groups)
         return EvaError(f"layer-sequential calibration replays the blocks of {self.blocks.name} one at a time, which "
                         f"is not exact for this model: {problem}. Pass blocks= a list whose blocks form a plain "
-                        "chain, or a memory_budget large enough for all statistics at once")
+                        f"chain, or memory_budget={need} (all statistics at once), or leave memory_budget unset")
 
     # --------------------------------------------------------- discovery and plan -----------
     def _discover(self, batch, model_input) -> Optional[BlockProbe]:
@@ -214,23 +217,53 @@ class LayerSequentialEngine(Engine):
         capture.accumulate = True
         return probe
 
-    def _plan(self, probe: Optional[BlockProbe]) -> List[memory_budget.Window]:
-        state, centered = self.state, self.opts.centered
-        need = sum(memory_budget.statistic_bytes(g.d, centered) for g in state.groups)
+    def _check_replayable(self, probe: Optional[BlockProbe]) -> None:
+        """A layer-sequential run needs a block list whose blocks replay exactly (first batch)."""
         if self.blocks is None:
+            need = sum(memory_budget.statistic_bytes(g.d, self.opts.centered) for g in self.state.groups)
             raise EvaError(no_blocks_message(self.budget, need))
-        outside = [n for n in state.order if self.blocks.index_of(state.targets[n].module) is None]
-        if outside:
-            raise EvaError(f"layer-sequential calibration (the statistics need {format_bytes(need)}, more than "
-                           f"memory_budget={format_bytes(self.budget)}) covers the layers inside the blocks of "
-                           f"{self.blocks.name}, but these targets are outside them: {outside[:6]}; remove them from "
-                           f"target_modules, or give a memory_budget of at least {need} bytes")
         if probe.problem:
             raise self._not_replayable(probe.problem)
-        for g in state.groups:
+
+    def _plan(self):
+        """``(windows, tail)``: windows of the groups inside the blocks, in block order, and the
+        groups outside every block (an LM head, a pooler, a projection before the blocks) as one
+        tail window calibrated all at once after the blocks, with full forwards (None: none)."""
+        state, centered = self.state, self.opts.centered
+        need = sum(memory_budget.statistic_bytes(g.d, centered) for g in state.groups)
+        outside = [g for g in state.groups if self.blocks.index_of(state.targets[g.leader].module) is None]
+        tail = None
+        if outside:
+            nbytes = sum(memory_budget.statistic_bytes(g.d, centered) for g in outside)
+            if nbytes > self.budget:
+                raise EvaError(self._outside_message(outside, nbytes, need))
+            tail = memory_budget.Window(outside, -1, -1, nbytes)
+        inside = [g for g in state.groups if g not in outside]
+        for g in inside:
             self.block_of[g.index] = self.blocks.index_of(state.targets[g.leader].module)
-        return memory_budget.plan_windows(state.groups, [self.block_of[g.index] for g in state.groups], self.budget,
-                                          centered)
+        return memory_budget.plan_windows(inside, [self.block_of[g.index] for g in inside], self.budget,
+                                          centered), tail
+
+    def _outside_message(self, outside, nbytes: int, need: int) -> str:
+        """Why the targets outside the blocks cannot run all at once, with the fixes that work:
+        another block list (only one whose own outside targets would fit), a larger budget, or
+        leaving them out."""
+        state, centered = self.state, self.opts.centered
+        names = [m for g in outside for m in g.members]
+        hint = ""
+        for lname, held in containing_lists(self.model, [state.targets[n].module for n in names],
+                                            self.blocks.name).items():
+            other = find_blocks(self.model, lname)
+            inner = {id(sub) for block in other.modules for sub in block.modules()}
+            rest = sum(memory_budget.statistic_bytes(g.d, centered) for g in state.groups
+                       if id(state.targets[g.leader].module) not in inner)
+            if rest <= self.budget:
+                hint += f"blocks={lname!r} (holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}), "
+        return (f"layer-sequential calibration (the statistics need {format_bytes(need)}, more than "
+                f"memory_budget={format_bytes(self.budget)}) runs the blocks of {self.blocks.name} a window at a time "
+                f"and the targets outside them ({names[:6]}{' ...' if len(names) > 6 else ''}) all at once "
+                f"afterwards, but their statistics alone need {format_bytes(nbytes)}; pass {hint}a memory_budget of "
+                f"at least {nbytes} bytes, or remove them from target_modules")
 
     # --------------------------------------------------------- windows ----------------------
     def _advance(self, entry: CachedBatch, last: int, keep_until: int) -> None:
@@ -258,12 +291,20 @@ class LayerSequentialEngine(Engine):
             cache.store(entry, *kept)
 
     def _window_step(self, entry: CachedBatch, keep_until: int) -> None:
+        """One cached batch through the window's blocks (from its cached level)."""
+        last = max(self.block_of[g.index] for g in self.window_groups if g.hooks.hooked)
+        self._step_on(entry, lambda: self._advance(entry, last, keep_until))
+
+    def _tail_step(self, entry: CachedBatch) -> None:
+        """One cached batch through the whole model (the tail window: targets outside the blocks)."""
+        self._step_on(entry, lambda: self._forward(self.cache.batch(entry)))
+
+    def _step_on(self, entry: CachedBatch, forward) -> None:
         state = self.state
         state.traffic.step = entry.index + 1
         self.capture.begin_batch(entry.model_input)
-        last = max(self.block_of[g.index] for g in self.window_groups if g.hooks.hooked)
         t0 = time.perf_counter()
-        self._advance(entry, last, keep_until)
+        forward()
         state.forward_seconds += time.perf_counter() - t0
         for g in self.window_groups:
             if g.hooks.captured:
@@ -278,8 +319,9 @@ class LayerSequentialEngine(Engine):
         groups = self.window_groups
         return all(g.converged or g.estimate.zero_variance for g in groups) and any(g.converged for g in groups)
 
-    def _run_window(self, window: memory_budget.Window, keep_until: int) -> str:
-        """Calibrate ``window``'s groups to convergence (or the end of the data); final solve; free."""
+    def _run_window(self, window: memory_budget.Window, step) -> str:
+        """Calibrate ``window``'s groups to convergence (or the end of the data), ``step(entry)``
+        per batch; final solve; free."""
         state = self.state
         self.window_groups = window.groups
         for g in window.groups:
@@ -291,7 +333,7 @@ class LayerSequentialEngine(Engine):
                 reason = self.out_of_data
                 break
             pos += 1
-            self._window_step(entry, keep_until)
+            step(entry)
             if self._settled():
                 reason = "converged"
         for g in window.groups:
@@ -306,7 +348,8 @@ class LayerSequentialEngine(Engine):
         state.polish_seconds += time.perf_counter() - t0
         for g in live:
             state.stat_bytes -= g.stats.release()
-        state.windows.append({"blocks": [window.first_block, window.last_block],
+        blocks = None if window.first_block < 0 else [window.first_block, window.last_block]
+        state.windows.append({"blocks": blocks,
                               "layers": sum(len(g.members) for g in window.groups),
                               "statistics_bytes": window.nbytes, "batches": pos, "stop_reason": reason})
         return reason
@@ -327,21 +370,29 @@ class LayerSequentialEngine(Engine):
             probe = self._discover(batch, model_input)
             widths = [g.d for g in state.groups]
             if not memory_budget.fits_at_once(widths, self.budget, self.opts.centered):
-                return self._run_windows(self._plan(probe), first, probe)
+                return self._run_windows(first, probe)
         return self._all_at_once(total_len)
 
-    def _run_windows(self, windows, first, probe: BlockProbe) -> EvaStateDict:
+    def _run_windows(self, first, probe: BlockProbe) -> EvaStateDict:
         state = self.state
         state.mode = "layer_sequential"
         self.replay = None
-        bar = self._progress(None)
+        self._check_replayable(probe)
+        bar = None
         try:
-            self._cache(*first, real=probe.calls)
+            entry = self._cache(*first, real=probe.calls)  # the stubbed forward checked against the real one
             probe.calls = []
+            windows, tail = self._plan()
+            self.keep_batches = tail is not None
+            if self.keep_batches:
+                self.cache.keep_batch(entry, first[1])
+            bar = self._progress(None)
             reasons = []
             for i, window in enumerate(windows):
                 keep_until = windows[i + 1].first_block if i + 1 < len(windows) else window.first_block
-                reasons.append(self._run_window(window, keep_until))
+                reasons.append(self._run_window(window, lambda e, k=keep_until: self._window_step(e, k)))
+            if tail is not None:
+                reasons.append(self._run_window(tail, self._tail_step))
         finally:
             self.capture.remove_hooks()
             self.cache.clear()

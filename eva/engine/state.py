@@ -99,6 +99,7 @@ class RunState:
     groups: List[GroupState] = field(default_factory=list)
     group_of: Dict[str, GroupState] = field(default_factory=dict)
     step: int = 0                         # batches taken from the loader (skipped ones included)
+    batches_read: int = 0                 # batches that reached a forward (skipped ones excluded)
     stop_reason: str = ""
     distributed: bool = False
     backends: Dict[str, str] = field(default_factory=dict)  # op -> backend that ran it

@@ -201,8 +201,10 @@ def require_mapping(model_input) -> None:
     if not isinstance(model_input, Mapping):
         raise EvaTypeError("When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary; "
                            f"got {type(model_input).__name__} batches: pass dict batches (input_ids, attention_mask, "
-                           "...), or prepare_model_inputs_fn=None to use every token (with a forward_fn that "
-                           "calls the model on your batches)")
+                           "...); or, with a forward_fn that calls the model on your batches (e.g. lambda model, "
+                           "batch: model(input_ids=batch[0], attention_mask=batch[1])), a prepare_model_inputs_fn that returns the bool token mask of a "
+                           "batch (e.g. lambda batch, cfg: batch[1].bool()), or prepare_model_inputs_fn=None to use "
+                           "every token")
 
 
 def token_mask(model_input, use_label_mask: bool, label_mask_value: int) -> Optional[Tensor]:

@@ -210,6 +210,14 @@ def check_targets_not_meta(targets: List[Target], is_peft_model: bool, model: Op
         if w is not None and w.device.type == "meta":
             if model is not None and _offloaded_by_accelerate(model, t.name):
                 continue
+            if is_peft_model and model is not None and any(_hooks_of(m) for m in model.modules()):
+                raise EvaError(f"layer {t.name}: its weight is on the meta device and no accelerate hook loads it "
+                               "any more: the model was dispatched with accelerate (CPU / disk offload) and then "
+                               "wrapped by get_peft_model, which leaves the offloaded layers' weights, and the LoRA "
+                               "weights it adds to them, on meta, so the model cannot run. Compute EVA on the "
+                               "dispatched model before wrapping it: sd = eva.get_eva_state_dict(model, dataloader, "
+                               "lora_config); then wrap a model whose weights are loaded and call "
+                               "eva.initialize_lora_eva_weights(peft_model, eva_state_dict=sd)")
             raise EvaError(f"layer {t.name}: its weight is on the meta device, so its activations cannot be "
                            "computed; materialise the model's weights before running EVA (or dispatch the "
                            "model with accelerate's device_map / disk_offload, which loads them per forward)")

@@ -29,6 +29,9 @@ def test_rank_moves_never_pause_a_layer_by_default(tiny_llama, monkeypatch, toke
     for name, info in sd.metadata["layers"].items():
         assert info["steps"] == 6 and info["tokens"] == kept, name
         assert sum(r.shape[0] for r in token_spy[info["group"]]) == kept
+    # the summary says, per layer, the tokens it used and how many of the batches read
+    row = next(ln for ln in sd.summary().splitlines() if ln.startswith(victim))
+    assert row.split()[3:5] == [str(kept), "6/6"]
 
 
 def test_group_reattached_when_its_rank_grows(tiny_llama, monkeypatch, token_spy):

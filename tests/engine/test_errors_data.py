@@ -138,13 +138,31 @@ def test_non_dict_batches_need_own_model_inputs_fn(gpt2):
     before = snapshot(gpt2)
     data = [b["input_ids"] for b in batches(2)]
     with pytest.raises(TypeError, match=r"^When using `prepare_model_inputs_fn_language_modeling` inputs must be a "
-                                        r"dictionary.*prepare_model_inputs_fn=None to use every token.*forward_fn"):
+                                        r"dictionary.*forward_fn.*prepare_model_inputs_fn=None to use every token"):
         run(gpt2, data, forward_fn=lambda m, x: m(input_ids=x))
     assert_restored(gpt2, before)
     # the advice, followed: a tensor batch carries no mask, so every token is used
     sd = run(gpt2, data, forward_fn=lambda m, x: m(input_ids=x), prepare_model_inputs_fn=None)
     assert all(info["tokens"] == 2 * 3 * 17 for info in sd.metadata["layers"].values())
     assert_restored(gpt2, before)
+
+
+def test_tuple_batches_follow_the_advice(gpt2):
+    """(input_ids, attention_mask) tuples: each of the message's fixes, followed, runs as it says."""
+    data = [(b["input_ids"], b["attention_mask"]) for b in batches(3)]
+
+    def forward(model, batch):  # the message's example
+        return model(input_ids=batch[0], attention_mask=batch[1])
+
+    with pytest.raises(TypeError, match=r"inputs must be a dictionary; got tuple batches.*lambda model, batch: "
+                                        r"model\(input_ids=batch\[0\], attention_mask=batch\[1\]\).*lambda batch, "
+                                        r"cfg: batch\[1\]\.bool\(\)"):
+        run(gpt2, data, forward_fn=forward)
+    kept = sum(int(m.sum()) for _, m in data)
+    sd = run(gpt2, data, forward_fn=forward, prepare_model_inputs_fn=lambda batch, cfg: batch[1].bool())
+    assert all(info["tokens"] == kept for info in sd.metadata["layers"].values())
+    sd = run(gpt2, data, forward_fn=forward, prepare_model_inputs_fn=None)
+    assert all(info["tokens"] == 3 * 3 * 17 for info in sd.metadata["layers"].values())
 
 
 def test_batch_without_a_mask_uses_every_token(gpt2, token_spy):

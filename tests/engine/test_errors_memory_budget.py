@@ -118,11 +118,26 @@ def test_no_block_list_raises_with_the_blocks_fix():
     assert_blocks_restored(model)
 
 
-def test_targets_outside_the_blocks_raise_naming_them():
+def test_targets_outside_the_blocks_run_after_them_or_raise_naming_them():
+    """inp and head sit outside the blocks: calibrated all at once after the windows when their
+    statistics fit the budget together, else refused, naming them, with the budget that works."""
     model = Chain()
-    with pytest.raises(EvaError, match=r"outside them: \['head', 'inp'\]|outside them: \['inp', 'head'\]"):
-        run_chain(model, chain_batches(), targets=("fc", "inp", "head"), memory_budget=2 * ONE_BLOCK)
+    targets = ("fc", "inp", "head")
+    ref = run_chain(model, chain_batches(), targets=targets)
+    sd = run_chain(model, chain_batches(), targets=targets, memory_budget=2 * ONE_BLOCK)
+    assert sd.metadata["run"]["mode"] == "layer_sequential"
+    assert sd.metadata["run"]["windows"][-1]["blocks"] is None  # inp and head, after the blocks
+    for name in ref:
+        assert sd.metadata["layers"][name]["tokens"] == ref.metadata["layers"][name]["tokens"]
+        torch.testing.assert_close(sd[name], ref[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(EvaError, match=r"the targets outside them \(\['inp', 'head'\]\) all at once afterwards, but "
+                                       r"their statistics alone need.*at least (\d+) bytes") as err:
+        run_chain(model, chain_batches(), targets=targets, memory_budget=ONE_BLOCK)
     assert_blocks_restored(model)
+    least = int(str(err.value).split("at least ")[1].split(" bytes")[0])
+    sd = run_chain(model, chain_batches(), targets=targets, memory_budget=least)  # the advice, followed
+    assert sd.metadata["run"]["mode"] == "layer_sequential"
+    torch.testing.assert_close(sd["head"], ref["head"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(between=True), "changes the hidden states between its blocks"),

@@ -65,3 +65,26 @@ def test_meta_weights_without_offload_still_raise(reference):
     broken.layers[0].self_attn.q_proj.to("meta")
     with pytest.raises(eva.EvaError, match=r"layers\.0\.self_attn\.q_proj.*meta device.*accelerate"):
         eva.get_eva_state_dict(broken, batches, cfg, show_progress_bar=False)
+
+
+@pytest.mark.filterwarnings("ignore:EVA stopped")
+def test_peft_wrapped_after_dispatch_says_so_and_the_advice_works(reference, tmp_path):
+    """get_peft_model on a dispatched model leaves the offloaded layers' weights on meta with no
+    hook to load them: the refusal says so, and its advice (EVA on the dispatched model, then
+    loading the result into a PEFT model with real weights) gives the undispatched result."""
+    from peft import get_peft_model
+    model, batches, cfg, ref = reference
+    dispatched = _dispatch(copy.deepcopy(model), "device_map", tmp_path)
+    wrapped = get_peft_model(dispatched, copy.deepcopy(cfg))
+    with pytest.raises(eva.EvaError, match=r"no accelerate hook loads it any more: the model was dispatched with "
+                                           r"accelerate.*wrapped by get_peft_model.*eva\.get_eva_state_dict\(model, "
+                                           r"dataloader, lora_config\)"):
+        eva.initialize_lora_eva_weights(wrapped, batches, show_progress_bar=False)
+    # the advice, followed
+    sd = eva.get_eva_state_dict(_dispatch(copy.deepcopy(model), "device_map", tmp_path / "again"), batches,
+                                copy.deepcopy(cfg), show_progress_bar=False)
+    peft_model = get_peft_model(copy.deepcopy(model), copy.deepcopy(cfg))
+    eva.initialize_lora_eva_weights(peft_model, eva_state_dict=sd)
+    name = "layers.1.self_attn.q_proj"
+    lora_a = peft_model.base_model.model.layers[1].self_attn.q_proj.lora_A["default"].weight
+    torch.testing.assert_close(lora_a, ref[name][: lora_a.shape[0]], rtol=1e-4, atol=1e-5)
