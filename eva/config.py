@@ -22,7 +22,7 @@ from .errors import EvaError
 from .sizes import parse_bytes
 
 #: ``EvaOptions.convergence`` values: the default first.
-CONVERGENCE_RULES = ("all_components", "allocated_ranks")
+CONVERGENCE_RULES = ("auto", "all_components", "allocated_ranks")
 
 # Upper bounds of the solver options: larger values are mistakes (the block is capped at d anyway).
 MAX_OVERSAMPLE = 1024
@@ -41,14 +41,15 @@ class EvaOptions:
             loader is exhausted). PEFT cycles the loader forever; with exact statistics a
             second pass adds no information, so we stop at the end of the data.
         convergence: which components a layer must converge on before it stops taking data.
-            "all_components" (default): all of its group's ``r * rho`` components, whatever the
-            current rank allocation, so a reallocation can never pause a layer mid-run (every
-            layer keeps every batch until its own components converged) and the rule is the
-            same in the all-at-once and the layer-sequential mode (results do not depend on
-            ``memory_budget``). "allocated_ranks": PEFT's rule, only the components its layers
-            need under the current allocation; a layer whose rank drops to 0 stops taking data
-            and may get ranks back later, estimated from the batches it took. Not combinable
-            with ``memory_budget`` (a layer-sequential run knows the allocation only at the end).
+            "allocated_ranks": PEFT's rule, the components its layers need under the current rank
+            allocation (re-decided at every check). A layer whose rank drops to 0 is *paused*:
+            it no longer holds the run up but keeps taking every batch, so if ranks move back to
+            it later its estimate has all the data (PEFT stops feeding it). "all_components":
+            all of its group's ``r * rho`` components, whatever the allocation; the rule of
+            layer-sequential runs, which know the allocation only at the end; it may take more
+            batches. "auto" (default): "all_components" when ``memory_budget`` is set (any value,
+            "auto" included), so the mode the budget selects never changes the result,
+            "allocated_ranks" otherwise. "allocated_ranks" with a ``memory_budget`` is refused.
         on_unconverged: "warn" (default) or "error" when data ran out / max_steps was hit
             while some needed component had not converged (the result is then the exact PCA
             of every token consumed).
@@ -97,7 +98,7 @@ class EvaOptions:
     """
 
     centered: bool = True
-    convergence: str = "all_components"
+    convergence: str = "auto"
     max_steps: Optional[int] = None
     on_unconverged: str = "warn"
     skip_empty_batches: bool = False
@@ -147,8 +148,8 @@ class EvaOptions:
         if self.memory_budget is not None and self.convergence == "allocated_ranks":
             raise EvaError("convergence='allocated_ranks' cannot be combined with memory_budget: a layer-sequential "
                            "run knows the rank allocation only after the last block, so the result would depend on "
-                           "which mode the budget selects; use convergence='all_components' (the default) with "
-                           "memory_budget, or leave memory_budget unset")
+                           "which mode the budget selects; use convergence='auto' (the default) or "
+                           "'all_components' with memory_budget, or leave memory_budget unset")
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip()):
             raise EvaError(f"blocks must be None or the dotted name of the model's block list, e.g. "
                            f"'model.layers'; got {self.blocks!r}")
@@ -157,6 +158,13 @@ class EvaOptions:
         if self.orthonormalization not in ("auto",) + ORTHONORMALIZATIONS:
             raise EvaError(f"orthonormalization must be one of {('auto',) + ORTHONORMALIZATIONS}, "
                            f"got {self.orthonormalization!r}")
+
+    @property
+    def convergence_rule(self) -> str:
+        """``convergence`` resolved: "all_components" or "allocated_ranks" (see the class docstring)."""
+        if self.convergence != "auto":
+            return self.convergence
+        return "all_components" if self.memory_budget is not None else "allocated_ranks"
 
 
 def _check_device(name: str, v) -> str:

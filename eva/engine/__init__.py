@@ -5,7 +5,9 @@ Rooms, one job each:
 * :mod:`.state` — :class:`RunState` / :class:`GroupState`: everything a run decided, as data.
 * :mod:`.loop` — :class:`Engine` and :func:`run_eva`: the batch loop and convergence decisions.
 * :mod:`.capture` — hooks, per-layer token rules, shared-input group discovery.
-* :mod:`.tokens` — batches and layer inputs -> token rows and masks.
+* :mod:`.sequences` — which token sequence each layer call belongs to (encoder/decoder, towers).
+* :mod:`.batch_tokens` — a batch's token rules per sequence; :mod:`.masks` — reading a mask.
+* :mod:`.tokens` — layer inputs and a token rule -> rows and the flat mask.
 * :mod:`.statistics` — :class:`RunningStats`, the per-group covariance (``eva_kernels.cov_update``).
 * :mod:`.solve` — :class:`Solver`: warm-started ``eva_kernels.topk_eigh`` per group, one sync a step.
 * :mod:`.variance_floor` — zero-variance groups and explained variance ratios.

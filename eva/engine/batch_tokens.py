@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
+import torch
 from torch import Tensor
 
 from ..errors import EvaError
@@ -75,10 +76,15 @@ class BatchTokens:
         return self.views.get(seq)
 
     def keeps_nothing(self) -> bool:
-        """Every mask given keeps no token (and at least one is given); one host sync per mask."""
+        """Every mask given keeps no token (and at least one is given); one host sync in all."""
         rules = [self.single] if self.single is not None else [m for m in self.masks.values() if m is not None]
-        verdicts = [r.keeps_nothing() for r in rules]
-        return bool(verdicts) and all(v is True for v in verdicts)
+        if not rules:
+            return False
+        with_mask = [r for r in rules if r.mask is not None]
+        kept = dict(zip(map(id, with_mask), torch.stack([r.mask.any() for r in with_mask]).tolist())) \
+            if with_mask else {}
+        verdicts = [r.keeps_nothing(kept.get(id(r))) for r in rules]
+        return all(v is True for v in verdicts)
 
 
 def from_batch(batch, layout: SequenceLayout, use_label_mask: bool, label_mask_value: int,

@@ -195,8 +195,9 @@ class Capture:
         never = [n for n in self.state.order if n not in self.signature]
         if never:
             raise EvaError(f"target layer(s) never called during the forward pass: {never[:8]}"
-                           f"{' ...' if len(never) > 8 else ''}; remove them from target_modules or make "
-                           "forward_fn run them")
+                           f"{' ...' if len(never) > 8 else ''}; remove them from target_modules (a list of the "
+                           "layers to calibrate in place of 'all-linear'; some models read a layer's weight without "
+                           "calling it) or make forward_fn run them")
         self.layout.end_discovery()
         self.discovering = False
         self.views.clear()

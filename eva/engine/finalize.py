@@ -144,7 +144,7 @@ def _metadata(state: RunState, settings: EvaSettings, layers: dict) -> dict:
         "layers": layers,
         "groups": [g.members for g in state.groups],
         "groups_split": [list(m) for m in state.split_groups],  # layers that shared a first input only
-        "run": _run_info(state),
+        "run": {**_run_info(state), "convergence": settings.options.convergence_rule},  # the rule that ran
     }
 
 

@@ -3,15 +3,18 @@
 One run (:func:`run_eva`):
 
 1. First batch: every target layer is hooked (:mod:`.capture`); shared-input groups form on
-   the fly; layers never called raise. Afterwards only group leaders stay hooked.
-2. Each batch: forward under ``no_grad`` in eval mode; each hooked group adds its tokens
-   (fused masked ``cov_update``, no gathered copy); once every hooked group has its input the
-   forward is stopped (results unchanged). Then every group that got data re-solves its top
+   the fly and are checked call by call at its end; each call's token sequence is recorded
+   (:mod:`.sequences`); layers never called raise. Afterwards only group leaders stay hooked.
+2. Each batch: its token rules per sequence (:mod:`.batch_tokens`); forward under ``no_grad``
+   in eval mode; each hooked group adds its tokens (fused masked ``cov_update``, no gathered
+   copy); once every hooked group has its input the forward is stopped (results unchanged). Then every group that got data re-solves its top
    ``r * rho`` eigenpairs warm-started from its previous Ritz basis (:mod:`.solve`), and one host
    sync brings back token counts, finiteness flags, cosines with the previous estimate and
-   explained variance ratios. Ranks are redistributed (:mod:`.allocation`); a group converges
-   when the cosines of all the components its layers currently need are >= tau, and its hook is
-   detached (re-attached if its need grows).
+   explained variance ratios. A group converges when the cosines of the components it must
+   converge on (``EvaOptions.convergence``: those its layers need under the current allocation,
+   redistributed at every check by :mod:`.allocation`, or all of its ``r * rho``) are >= tau, and
+   its hook is detached (re-attached if its need grows). A group whose layers need nothing is
+   paused: settled, but still hooked, so it keeps every batch.
 3. End (all converged, loader exhausted, or ``max_steps``): :mod:`.finalize` polishes, allocates,
    whitens and builds the result from the :class:`RunState`.
 
@@ -118,16 +121,16 @@ class Engine:
         return self.state.groups
 
     def _need(self, group) -> int:
-        """Components ``group`` must converge on: all of its ``r * rho`` (the default rule,
-        ``convergence="all_components"``), or what its layers need under the current allocation
-        (``"allocated_ranks"``, PEFT's rule)."""
-        if self.opts.convergence == "allocated_ranks":
+        """Components ``group`` must converge on (``EvaOptions.convergence``): what its layers need
+        under the current allocation ("allocated_ranks"), or all of its ``r * rho``."""
+        if self.opts.convergence_rule == "allocated_ranks":
             return self.state.needed(group)
         return group.max_components
 
     def _reallocate(self) -> None:
         """Mid-run allocation: only the allocated-ranks rule needs it (the final one is in finalize)."""
-        if self.opts.convergence == "allocated_ranks" and all(g.estimate.ratios is not None for g in self.state.groups):
+        if self.opts.convergence_rule == "allocated_ranks" and all(g.estimate.ratios is not None
+                                                                   for g in self.state.groups):
             allocation.reallocate(self.state)
 
     def _update_convergence(self) -> None:
@@ -136,6 +139,9 @@ class Engine:
         A zero-variance group (see :mod:`eva.engine.variance_floor`) offers no component, so it
         needs nothing, but it is not "converged": it stays hooked while the run goes on (later
         batches may bring variance) without holding the run up (see ``RunState.all_settled``).
+        A group whose layers need nothing (rank 0 under the current allocation) is *paused*: it
+        counts as converged (it holds nothing up) but stays hooked, so it keeps every batch and a
+        later reallocation never finds it short of data.
         """
         state = self.state
         self._reallocate()
@@ -147,7 +153,7 @@ class Engine:
             was = g.converged
             g.converged = not est.zero_variance and (need == 0 or (enough and est.converged_prefix(tau) >= need))
             g.ever_converged = g.ever_converged or g.converged
-            self.capture.set_hooked(g, not g.converged)
+            self.capture.set_hooked(g, not g.converged or need == 0)
             if g.converged and not was:
                 self.observer.on_group_converged(state.step, g)
 

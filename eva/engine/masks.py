@@ -65,13 +65,18 @@ class TokenMask:
     def read(cls, t: Tensor, what: str, index_allowed: bool = True) -> "TokenMask":
         """Read ``t`` (see the module docstring); raises :class:`EvaError` when no reading fits.
 
-        ``index_allowed=False`` for a tensor known to be a mask (a batch's ``attention_mask``)."""
+        ``index_allowed=False`` for a tensor known to be a mask (a batch's ``attention_mask``):
+        integer values are then read on the device as "nonzero keeps" (no host copy), floating
+        ones are checked to be 0/1."""
         if not isinstance(t, Tensor):
             raise EvaError(f"{what} is a {type(t).__name__}, not a tensor; {RETURN_BOOL}")
         if t.dtype == torch.bool:
             return cls(t, None, (), what)
         if t.is_complex():
             raise EvaError(f"{what} has dtype {t.dtype}, which is no token mask; {RETURN_BOOL}")
+        if not index_allowed and not t.is_floating_point():
+            # a known integer mask (a batch's attention_mask): nonzero keeps, read on the device (no host sync)
+            return cls(t != 0, None, (), what)
         host = t.detach().cpu()
         binary = bool(((host == 0) | (host == 1)).all()) if host.numel() else True
         mask = (t != 0) if binary else None
@@ -88,12 +93,13 @@ class TokenMask:
                            f"so it cannot be read as a token mask; {RETURN_BOOL}")
         return cls(mask, index, extent, what)
 
-    def keeps_nothing(self) -> Optional[bool]:
+    def keeps_nothing(self, mask_kept: Optional[bool] = None) -> Optional[bool]:
         """True when the rule keeps no row, False when it keeps some, None when that depends on
-        the layer (both readings possible). Host sync for bool masks (one per batch)."""
+        the layer (both readings possible). ``mask_kept``: whether the mask reading keeps any row,
+        when the caller already read it (host sync otherwise)."""
         readings = []
         if self.mask is not None:
-            readings.append(not bool(self.mask.any()))
+            readings.append(not (bool(self.mask.any()) if mask_kept is None else mask_kept))
         if self.index is not None:
             readings.append(self.index.shape[0] == 0)
         return readings[0] if len(set(readings)) == 1 else None

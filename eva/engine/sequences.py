@@ -11,12 +11,15 @@ encoder-decoder model (``config.is_encoder_decoder`` with distinct ``get_encoder
 * layers outside both stacks (an LM head, a classification head) take ``"decoder"``.
 
 **Where a batch's mask reaches.** A mask read from the batch (its ``attention_mask``) belongs to
-the token tensors beside it (``input_ids``, ``inputs_embeds``). A tower that never receives any
-of them (a vision tower fed ``pixel_values``, Whisper's encoder fed ``input_features`` only) does
-not compute on that sequence, so the mask does not apply to it: its layers use every row. The
-first forward records, for every module above a target, which batch tensors it received (by
-identity); a layer's tower is its innermost such module that received any (:meth:`reached`).
-Masks a ``prepare_model_inputs_fn`` returns are the user's rule and apply as given.
+the token tensors beside it (``input_ids``, ``inputs_embeds``). A tower fed other inputs (a vision
+tower fed ``pixel_values``, Whisper's encoder fed ``input_features`` only) does not compute on that
+sequence, so the mask does not apply to it: its layers use every row. The first forward records,
+for every module above a target, which batch tensors it received (by identity); a layer's tower
+is its innermost such module that received a *deciding* tensor: a token tensor of the sequence
+(:data:`SEQUENCE_KEYS`) or a floating-point model input (pixels, audio, features). Integer
+extras that models pass down through ``**kwargs`` (``labels``, ``special_tokens_mask``) decide
+nothing (:meth:`reached`). Masks a ``prepare_model_inputs_fn`` returns are the user's rule and
+apply as given.
 
 **Another resolution.** A mask of (B, T) for inputs of (B, T', d) (audio samples against
 frames) is converted as the model converts it (:meth:`convert_resolution`): with the model's
@@ -29,6 +32,7 @@ later forwards look the decisions up by call index.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -63,11 +67,9 @@ def encoder_decoder_stacks(model: nn.Module) -> Tuple[Optional[nn.Module], Optio
     return enc, dec
 
 
-def _tensor_ids(args: tuple, kwargs: dict) -> List[Tuple[int, Optional[str]]]:
-    """(id, argument name) of the tensors passed directly (not nested) to a call."""
-    out = [(id(a), None) for a in args if isinstance(a, Tensor)]
-    out += [(id(v), k) for k, v in kwargs.items() if isinstance(v, Tensor)]
-    return out
+def _tensor_ids(args: tuple, kwargs: dict) -> List[int]:
+    """ids of the tensors passed directly (not nested) to a call."""
+    return [id(a) for a in args if isinstance(a, Tensor)] + [id(v) for v in kwargs.values() if isinstance(v, Tensor)]
 
 
 def _context_argument(module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tensor]:
@@ -106,7 +108,7 @@ class SequenceLayout:
             else:
                 self.stack[t.name] = "encoder" if id(t.module) in enc_ids else "decoder"
         self.calls: Dict[str, List[str]] = {}          # target -> sequence of each call of a forward
-        self.received: Dict[int, set] = {}             # module id -> batch keys it received (first forward)
+        self.received: Dict[int, set] = {}             # module id -> deciding batch keys it received (first forward)
         self._context: set = set()                     # view keys of the encoder output (first forward)
         self._batch_ids: Dict[int, str] = {}
         self._handles: list = []
@@ -125,11 +127,9 @@ class SequenceLayout:
         self.received.clear()
         self._reached.clear()
         self._batch_ids = {}
-        if isinstance(batch, dict) or hasattr(batch, "items"):
-            try:
-                self._batch_ids = {id(v): k for k, v in batch.items() if isinstance(v, Tensor)}
-            except Exception:
-                self._batch_ids = {}
+        if isinstance(batch, Mapping):
+            self._batch_ids = {id(v): k for k, v in batch.items() if isinstance(v, Tensor)
+                               and (k in SEQUENCE_KEYS or v.is_floating_point())}
         watched = self._ancestors_of_targets()
         for m in watched:
             self._handles.append(m.register_forward_pre_hook(self._recorder(m), with_kwargs=True))
@@ -157,7 +157,7 @@ class SequenceLayout:
 
     def _recorder(self, module: nn.Module):
         def hook(mod, args, kwargs):
-            keys = {self._batch_ids[i] for i, _ in _tensor_ids(args, kwargs) if i in self._batch_ids}
+            keys = {self._batch_ids[i] for i in _tensor_ids(args, kwargs) if i in self._batch_ids}
             if keys:
                 self.received.setdefault(id(module), set()).update(keys)
         return hook

@@ -8,12 +8,14 @@ together (:mod:`.memory_budget`), :func:`eva.engine.loop.run_eva` runs a
    (no statistic is created) while a :class:`.block_probe.BlockProbe` records each block's call.
    If the groups' statistics fit after all (groups share inputs, the first estimate could not
    know), the run continues as the usual all-at-once run on the same batches.
-2. **Plan**: the groups are packed, in block order, into windows that fit the budget
-   (:func:`.memory_budget.plan_windows`).
-3. **Cache**: each batch's inputs of the first block, and every block's other arguments, come
+2. **Cache**: each batch's inputs of the first block, and every block's other arguments, come
    from one forward in which the blocks are stubs (:class:`.blocks.BlockStubs`); they are kept
    on ``offload_device`` (:class:`.block_inputs.BlockInputCache`), checked on the first batch
    against the real forward (:func:`.block_probe.compare_calls`).
+3. **Plan**: the groups inside the blocks are packed, in block order, into windows that fit the
+   budget (:func:`.memory_budget.plan_windows`); the groups outside every block form one *tail*
+   window, run after the others with full forwards of the cached batches (kept for it), when
+   their statistics fit the budget together.
 4. **Windows**, in order: every cached batch, then new batches from the loader, is advanced
    block by block to the window and through it, with only the window's groups hooked; a batch's
    cached hidden states move forward with it (up to the next window's first block), so no block
@@ -23,11 +25,10 @@ together (:mod:`.memory_budget`), :func:`eva.engine.loop.run_eva` runs a
    get their final solve and their statistics are freed.
 5. **End**: the variance floor and the rank allocation over all groups, then the result.
 
-Convergence differs from the all-at-once run: the allocation needs every layer's explained
-variance, unknown while later blocks are unseen, so each group converges on all of its
-``r * rho`` components (the all-at-once run only on those its layers currently need). On the
-same batches and steps both runs compute the same statistics, hence the same components and
-ranks. Targets must sit inside the blocks; KV caches are disabled (``config.use_cache``).
+The allocation needs every layer's explained variance, unknown while later blocks are unseen, so
+each group converges on all of its ``r * rho`` components; an all-at-once run with a
+``memory_budget`` does the same (``EvaOptions.convergence``), so both modes give the same
+components and ranks. KV caches are disabled (``config.use_cache``).
 """
 from __future__ import annotations
 

@@ -54,3 +54,26 @@ def test_target_input_on_meta(gpt2):
     with pytest.raises(EvaError, match=r"layer h\.0\.mlp\.c_fc: its input is on the meta device"):
         run(gpt2, batches(2), lora_config(["h.0.mlp.c_fc"]), forward_fn=forward_fn)
     assert_restored(gpt2, before)
+
+
+def test_all_linear_layers_a_model_never_calls_and_the_advice():
+    """Mamba's slow path reads dt_proj's weight without calling the layer: 'all-linear' picks it up;
+    the refusal says to list the layers instead, and that list runs."""
+    from peft import LoraConfig
+    from peft.tuners.lora.config import EvaConfig
+    from transformers import MambaConfig, MambaForCausalLM
+    import eva
+    from helpers import random_token_batches
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=99, state_size=4,
+                                         expand=2)).eval()
+    data = random_token_batches(99, 2, batch=2, seq=9)
+
+    def config(targets):
+        return LoraConfig(r=2, target_modules=targets, init_lora_weights="eva", eva_config=EvaConfig(tau=1.0))
+
+    with pytest.raises(EvaError, match=r"never called.*dt_proj.*a list of the layers to calibrate in place of "
+                                       r"'all-linear'"):
+        eva.get_eva_state_dict(model, data, config("all-linear"), show_progress_bar=False)
+    sd = eva.get_eva_state_dict(model, data, config(["in_proj", "x_proj", "out_proj"]), show_progress_bar=False)
+    assert len(sd) == 6

@@ -93,5 +93,7 @@ def test_token_mask_readings():
     assert m.index is None and m.mask.tolist() == [[True, False]]
     with pytest.raises(eva.EvaError, match="holding values other than 0 and 1"):
         TokenMask.read(torch.tensor([[2, 1], [1, 1]]), "m")
-    with pytest.raises(eva.EvaError, match="holding values other than 0 and 1, so"):
-        TokenMask.read(torch.tensor([[0, 5]]), "m", index_allowed=False)
+    # a batch's integer attention_mask: nonzero keeps, read on the device (packed sequence ids too)
+    assert TokenMask.read(torch.tensor([[0, 5]]), "m", index_allowed=False).mask.tolist() == [[False, True]]
+    with pytest.raises(eva.EvaError, match="holding values other than 0 and 1, so"):  # floats: checked
+        TokenMask.read(torch.tensor([[0.0, -1e9]]), "m", index_allowed=False)

@@ -163,3 +163,28 @@ def test_another_resolution_without_a_rule_is_refused_and_each_fix_works():
     bare = [{"input_ids": b["input_ids"]} for b in data]
     sd = run(model, bare, ["fine", "coarse"])
     assert_layers_exact(sd, truth_of(model, bare, ["fine", "coarse"], lambda n, b, x: None))
+
+
+def test_integer_extras_passed_down_by_kwargs_decide_nothing():
+    """BERT hands unknown batch keys (labels, special_tokens_mask) down to its attention modules
+    through **kwargs: they must not make the attention look like a tower the mask never reaches."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=48)).eval()
+    data = []
+    for _ in range(3):
+        am = torch.ones(3, 10, dtype=torch.long)
+        am[0, :4] = 0
+        ids = torch.randint(3, 99, (3, 10))
+        labels = ids.clone()
+        labels[1, :3] = -100
+        data.append({"input_ids": ids, "attention_mask": am, "labels": labels,
+                     "special_tokens_mask": torch.zeros(3, 10, dtype=torch.long)})
+    sd = run(model, data, ["query", "dense"])
+
+    def mask_of(name, batch, x):
+        m = batch["attention_mask"].bool() & (batch["labels"] != -100)
+        return m.any(1) if x.dim() == 2 else m
+
+    assert_layers_exact(sd, truth_of(model, data, list(sd), mask_of))
