@@ -100,7 +100,6 @@ class SequenceLayout:
         self.names = {id(m): n for n, m in self.by_name.items()}
         self._targets = {t.name: t for t in targets}
         enc_ids = {id(m) for m in self.encoder.modules()} if self.encoder is not None else set()
-        dec_ids = {id(m) for m in self.decoder.modules()} if self.decoder is not None else set()
         self.stack: Dict[str, str] = {}
         for t in targets:
             if self.encoder is None:

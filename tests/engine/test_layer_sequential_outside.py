@@ -8,7 +8,6 @@ tested by following it. The block list is picked by where the targets are.
 """
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 
@@ -65,25 +64,31 @@ def test_pooler_outside_the_blocks_is_calibrated_after_them(bert):
     assert_same_result(sd, ref)
 
 
-def test_encoder_targets_pick_the_encoder_list(bart):
+#: BART targets in the encoder only, the budget of two of their statistics
+ENCODER_TARGETS = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.q_proj",
+                   "encoder.layers.0.fc1", "encoder.layers.1.fc1"]
+TWO = statistic_bytes(32, True) * 2
+
+
+@pytest.fixture(scope="module")
+def bart_encoder_run(bart):
+    """Batches, config and the all-at-once reference (a 1 TB budget: the same convergence rule)."""
     batches = random_token_batches(99, 4, batch=3, seq=11)
-    targets = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.q_proj",
-               "encoder.layers.0.fc1", "encoder.layers.1.fc1"]
-    config = cfg(targets)
-    ref = _run(bart, batches, config, memory_budget="1TB")
-    sd = _run(bart, batches, config, memory_budget=statistic_bytes(32, True) * 2)
+    config = cfg(ENCODER_TARGETS)
+    return batches, config, _run(bart, batches, config, memory_budget="1TB")
+
+
+def test_encoder_targets_pick_the_encoder_list(bart, bart_encoder_run):
+    batches, config, ref = bart_encoder_run
+    sd = _run(bart, batches, config, memory_budget=TWO)
     assert sd.metadata["run"]["mode"] == "layer_sequential"
     assert [w["blocks"] for w in sd.metadata["run"]["windows"]] == [[0, 0], [1, 1]]  # encoder.layers, no tail
     assert_same_result(sd, ref)
 
 
-def test_outside_targets_that_do_not_fit_get_fixes_that_work(bart):
-    batches = random_token_batches(99, 4, batch=3, seq=11)
-    targets = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.q_proj",
-               "encoder.layers.0.fc1", "encoder.layers.1.fc1"]
-    config = cfg(targets)
-    budget = statistic_bytes(32, True) * 2
-    ref = _run(bart, batches, config, memory_budget="1TB")
+def test_outside_targets_that_do_not_fit_get_fixes_that_work(bart, bart_encoder_run):
+    batches, config, ref = bart_encoder_run
+    budget = TWO
     with pytest.raises(eva.EvaError) as err:
         _run(bart, batches, config, memory_budget=budget, blocks="decoder.layers")
     msg = str(err.value)

@@ -10,7 +10,6 @@ nothing.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
