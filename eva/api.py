@@ -19,9 +19,11 @@ from .distributed import unwrap_data_parallel
 from .errors import EvaError
 from .peft.inputs import (forward_fn_dict, prepare_layer_inputs_fn_language_modeling,
                           prepare_model_inputs_fn_language_modeling)
+from .peft.names import model_frame
 from .peft.targets import (check_targets_not_meta, find_targets, input_device, no_targets_message,
-                           unsupported_matches)
+                           unmatched_target_entries, unmatched_target_message, unsupported_matches)
 from .peft.wiring import load_eva_into_peft_model
+from .provenance import run_provenance
 from .result import EvaStateDict
 
 
@@ -85,21 +87,34 @@ def get_eva_state_dict(
     if forward_fn is None:
         forward_fn = forward_fn_dict
     device = input_device(model)
+    unmatched = unmatched_target_entries(model, settings.target_modules, is_peft_model)
+    if unmatched:
+        raise EvaError(unmatched_target_message(model, unmatched, "LoraConfig.target_modules",
+                                                partial=len(unmatched) < len(settings.target_modules)))
     targets = find_targets(model, settings, is_peft_model)
     if not targets:  # PEFT: an empty state dict, and every LoRA layer keeps the default init
         unsupported = unsupported_matches(model, settings, is_peft_model)
         if not unsupported:
             raise EvaError(no_targets_message(settings, unsupported))
         warnings.warn(no_targets_message(settings, unsupported))
-        return empty_result(settings, unsupported)
+        return _with_provenance(empty_result(settings, unsupported), model, device)
     check_targets_not_meta(targets, is_peft_model, model)
     ctx = model.disable_adapter() if is_peft_model else nullcontext()
     if prepare_model_inputs_fn is prepare_model_inputs_fn_language_modeling:
         prepare_model_inputs_fn = TOKEN_MASK  # the same rule, from the resolved settings
     with ctx:
-        return run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inputs_fn,
-                       prepare_layer_inputs_fn, device, gather_distributed_inputs, show_progress_bar,
-                       masked_layer_defaults=_masked_layer_defaults(), observers=observers)
+        result = run_eva(model, dataloader, targets, settings, forward_fn, prepare_model_inputs_fn,
+                         prepare_layer_inputs_fn, device, gather_distributed_inputs, show_progress_bar,
+                         masked_layer_defaults=_masked_layer_defaults(), observers=observers)
+    return _with_provenance(result, model, device)
+
+
+def _with_provenance(result: EvaStateDict, model: torch.nn.Module, device) -> EvaStateDict:
+    """``result`` with ``metadata["model"]`` (the module tree it was computed on, see
+    :mod:`eva.peft.names`) and ``metadata["provenance"]`` (software, device, date)."""
+    result.metadata["model"] = model_frame(model).to_metadata()
+    result.metadata["provenance"] = run_provenance(device)
+    return result
 
 
 @torch.no_grad()

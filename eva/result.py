@@ -78,6 +78,19 @@ class EvaStateDict(dict):
                          f"{run.get('steps')} batches, {_num(run.get('seconds'), 0.0):.2f} s")
         return "\n".join(lines)
 
+    def describe(self) -> str:
+        """Where the result came from (model, data, settings, run, software, device, date; see
+        :func:`eva.provenance.format_provenance`), then :meth:`summary` -- what ``eva inspect`` prints."""
+        from .provenance import format_provenance
+        return f"{format_provenance(self.metadata)}\n\n{self.summary()}"
+
+    @property
+    def provenance(self) -> Dict[str, Any]:
+        """``metadata["provenance"]``: date, software versions, device, and for ``eva init`` results
+        the command, model and data files (``{}`` for files written before it was recorded)."""
+        value = self.metadata.get("provenance")
+        return value if isinstance(value, dict) else {}
+
     def save(self, path: str) -> str:
         """Write tensors + JSON metadata to one safetensors file, atomically; returns ``path``.
 
@@ -215,7 +228,8 @@ def _check_consistency(path: str, header: Dict[str, Any], meta: Dict[str, Any]) 
             raise _fail(path, f"tensor {name!r} is {entry['dtype']} with shape {entry['shape']}; EVA files hold 2-D "
                               f"F32 (rank, in_features) tensors; the file is corrupt or not from EvaStateDict.save; "
                               f"{_REMEDY}")
-    for key, kind in (("layers", dict), ("run", dict), ("settings", dict), ("groups", list)):
+    for key, kind in (("layers", dict), ("run", dict), ("settings", dict), ("groups", list), ("model", dict),
+                      ("provenance", dict)):
         if key in meta and not isinstance(meta[key], kind):
             raise _fail(path, f"metadata entry {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}; "
                               f"the file is corrupt; {_REMEDY}")

@@ -8,12 +8,15 @@ arguments must be raised before the model is touched at all: no forward, no trai
 * ``snapshot`` / ``assert_restored``: record and compare train flags and hooks of every module;
 * ``set_mode``: put the tiny GPT-2 in train or mixed train/eval mode;
 * ``Spy`` / ``untouched``: count forwards and train()/eval() calls, assert there were none;
-* ``lora_config`` / ``batches`` / ``run``: run ``eva.get_eva_state_dict`` on the tiny GPT-2.
+* ``lora_config`` / ``batches`` / ``run``: run ``eva.get_eva_state_dict`` on the tiny GPT-2;
+* ``peft_state`` / ``assert_peft_unchanged``: a PeftModel's weights, config and modules, unchanged.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
+import torch
 from peft import LoraConfig
 from peft.tuners.lora.config import EvaConfig
 from torch import nn
@@ -100,3 +103,21 @@ def run(model, loader, cfg=None, **kw):
     if cfg is None:
         cfg = lora_config(["c_attn", "c_proj"])
     return eva.get_eva_state_dict(model, loader, cfg, **kw)
+
+
+def peft_state(model):
+    """A PeftModel's weights, adapter config fields and module names (compare with assert_peft_unchanged)."""
+    cfg = model.peft_config["default"]
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            copy.deepcopy((cfg.target_modules, cfg.rank_pattern, cfg.alpha_pattern, cfg.lora_alpha, cfg.r)),
+            [n for n, _ in model.named_modules()])
+
+
+def assert_peft_unchanged(model, before):
+    """Nothing of ``peft_state`` changed: no module replaced, config and weights equal."""
+    sd, cfg, names = peft_state(model)
+    assert names == before[2], "modules were replaced"
+    assert cfg == before[1], "peft_config was modified"
+    assert sd.keys() == before[0].keys()
+    changed = [k for k in sd if not torch.equal(sd[k], before[0][k])]
+    assert not changed, f"weights changed: {changed[:5]}"

@@ -1,7 +1,7 @@
 """Command line: ``eva init``, ``eva demo``, ``eva inspect``.
 
-    eva init --model FOLDER --data TEXTFILE [--rank 8 --rho 2 --tau 0.99 --batch-size 8
-             --max-length 128 --target-modules all-linear --out FILE --plot FILE]
+    eva init --model FOLDER|FILE.gguf --data TEXTFILE [--task auto --rank 8 --rho 2 --tau 0.99
+             --batch-size 8 --max-length 128 --target-modules all-linear --out FILE --plot FILE]
     eva demo      # bundled MiniLM + bundled calibration text
     eva compare --data train.csv [--methods lora,eva,pissa --steps 90 --seeds 3]
     eva inspect FILE.safetensors
@@ -46,8 +46,10 @@ def main(argv=None) -> int:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # recorded in the result's provenance
         return _dispatch(args)
     except (EvaError, OSError) as exc:
         print(f"eva: error: {one_line(exc)}", file=sys.stderr)

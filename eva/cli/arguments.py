@@ -11,6 +11,7 @@ from typing import Any, List, Union
 
 from ..config import DEFAULT_RANK, EVA_DEFAULTS, EvaOptions
 from ..errors import EvaError
+from .tasks import TASKS
 
 #: Default ``--target-modules`` of ``eva demo``: every linear layer of MiniLM's encoder (query,
 #: key, value, attention.output.dense, intermediate.dense, output.dense) but not ``pooler.dense``,
@@ -30,9 +31,11 @@ checked in this order before the model is loaded (a failure prints one line
   5. --model is a folder holding config.json (readable by transformers) and a weights file,
      or a .gguf file (needs the gguf package; transformers dequantises it to fp32)
   6. --max-length fits the model's positions (max_position_embeddings / n_positions)
-  7. --device exists on this machine (cuda, mps, xpu are probed; default cuda if available)
-  8. the LoRA/EVA settings and the EVA_BACKEND environment variable
-  9. --target-modules matches linear layers of the model (built from config.json, no weights)
+  7. --task has a transformers class for the model (auto: from config.architectures)
+  8. --device exists on this machine (cuda, mps, xpu are probed; default cuda if available)
+  9. the LoRA/EVA settings and the EVA_BACKEND environment variable
+ 10. every --target-modules name matches a layer of the model, with the closest names when
+     one does not (built from config.json, no weights)
 then the tokenizer and the weights are loaded. Outputs are written atomically: a failed run
 leaves an existing --out / --plot file unchanged.
 """
@@ -52,7 +55,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's line breaks (the numbered list of checks)."""
+    """Keeps the epilog's line breaks (the numbered list of checks), and never breaks an option's
+    help at a hyphen (``all-linear``, ``--task``)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _int_at_least(low: int, meaning: str):
@@ -153,8 +161,17 @@ def _add_run_options(sp: argparse.ArgumentParser, model_required: bool, targets:
                     help="stop after this many batches (default: until the data is used up)")
     sp.add_argument("--target-modules", type=_target_modules, default=targets, metavar="NAMES",
                     help="comma-separated module names (a name matches itself or a dotted suffix of a "
-                         "layer name: 'output.dense' also matches 'attention.output.dense'), or "
-                         "all-linear (default: %(default)s)")
+                         "layer name: 'output.dense' also matches 'attention.output.dense'; every name must "
+                         "match a layer), or all-linear: every nn.Linear / Conv1D layer except the output "
+                         "layer (lm_head) and, with --task seq-cls, the classification head; on MiniLM that "
+                         "includes pooler.dense (default: %(default)s)")
+    sp.add_argument("--task", choices=("auto",) + TASKS, default="auto",
+                    help="which model class to calibrate, to match the model you fine-tune: causal-lm "
+                         "(AutoModelForCausalLM), seq-cls (AutoModelForSequenceClassification), seq2seq-lm "
+                         "(AutoModelForSeq2SeqLM, encoder-decoder models: each line is source and target), base "
+                         "(AutoModel); auto: what config.architectures names, seq2seq-lm for an encoder-decoder, "
+                         "causal-lm for a .gguf file, else base. The file loads into the other classes too (names "
+                         "are mapped) (default: %(default)s)")
     sp.add_argument("--whiten", action="store_true", help="whiten the components (default: off)")
     sp.add_argument("--uncentered", action="store_true",
                     help="uncentred second moment instead of PCA (default: centred)")
@@ -181,55 +198,6 @@ def _add_run_options(sp: argparse.ArgumentParser, model_required: bool, targets:
     sp.add_argument("--quiet", action="store_true", help="no progress bars (EVA's and transformers' weight loading)")
 
 
-def _lr(text: str) -> float:
-    return _finite_float_in(text, "--lr must be a positive number (the AdamW learning rate)", 0.0, 1.0)
-
-
-def _finite_float_in(text: str, rule: str, low: float, high: float) -> float:
-    value = _finite_float(text, rule)
-    if not low < value <= high:
-        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
-    return value
-
-
-def _add_compare(sub) -> None:
-    """``eva compare``: LoRA initialisations fine-tuned on the user's labelled CSV."""
-    cmp = sub.add_parser(
-        "compare", formatter_class=_HelpFormatter,
-        help="fine-tune with EVA and other LoRA initialisations on your labelled CSV (classification)",
-        description="Fine-tune a sequence classifier (the model plus a classification head; the encoder "
-                    "through LoRA) from each initialisation, with several seeds, on the rows of a CSV, and "
-                    "write training-loss curves and test accuracies (PNG and JSON). Classification only for "
-                    "now: one text column, one label column (integers or class names). One learning rate "
-                    "for all methods: the best validation accuracy of the default LoRA init over 3e-4, 1e-3 "
-                    "and 3e-3 (runs of half the steps), unless --lr is given. EVA calibrates on training rows only.")
-    cmp.add_argument("--model", default=None, metavar="FOLDER",
-                     help="transformers model folder (default: the bundled MiniLM)")
-    cmp.add_argument("--data", required=True, metavar="CSV", help="CSV file with a header row")
-    cmp.add_argument("--text-column", default="text")
-    cmp.add_argument("--label-column", default="label")
-    cmp.add_argument("--methods", default="lora,eva,pissa",
-                     help="comma list of lora (PEFT's default init), eva, eva-whiten, pissa, olora "
-                          "(default: %(default)s)")
-    cmp.add_argument("--steps", type=_int_at_least(1, "optimiser steps"), default=90)
-    cmp.add_argument("--seeds", type=_int_at_least(1, "seeds per method"), default=3)
-    cmp.add_argument("--rank", type=_int_at_least(1, "the LoRA rank r"), default=DEFAULT_RANK)
-    cmp.add_argument("--lr", type=_lr, default=None, help="learning rate (default: chosen on validation rows)")
-    cmp.add_argument("--lr-per-method", action="store_true",
-                     help="run the learning-rate search for every method on its own init, instead of one rate "
-                          "(the default init's) for all; 1.5 runs more per method")
-    cmp.add_argument("--batch-size", type=_int_at_least(1, "rows per batch"), default=8)
-    cmp.add_argument("--max-length", type=_int_at_least(2, "tokens per row"), default=64)
-    cmp.add_argument("--train-size", type=_int_at_least(2, "training rows"), default=1200)
-    cmp.add_argument("--validation-size", type=_int_at_least(1, "validation rows"), default=200)
-    cmp.add_argument("--test-size", type=_int_at_least(1, "test rows"), default=400)
-    cmp.add_argument("--calibration-size", type=_int_at_least(2, "EVA calibration rows"), default=64,
-                     help="training rows EVA calibrates on (default: %(default)s)")
-    cmp.add_argument("--target-modules", type=_target_modules, default=DEMO_TARGETS, metavar="NAMES")
-    cmp.add_argument("--out-json", default="eva_compare.json", metavar="FILE")
-    cmp.add_argument("--out-png", default="eva_compare.png", metavar="FILE")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``eva`` argument parser with its ``init``, ``demo`` and ``inspect`` commands."""
     p = _Parser(prog="eva", description="EVA (Explained Variance Adaptation) LoRA initialization")
@@ -244,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "are the encoder's linear layers without pooler.dense (unused by sentence "
                                       "embeddings).")
     _add_run_options(demo, False, DEMO_TARGETS)
+    from .compare_arguments import add_compare as _add_compare  # here: it imports this module
     _add_compare(sub)
     ins = sub.add_parser("inspect", help="print the summary of a saved EVA file")
     ins.add_argument("file", help="a .safetensors file written by eva init")

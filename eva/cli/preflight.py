@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..errors import EvaError
 from .arguments import one_line
+from .tasks import resolve_task
 
 @dataclass
 class Plan:
@@ -25,6 +26,7 @@ class Plan:
     lora_config: Any
     options: Dict[str, Any]
     gguf_file: Optional[str] = None  # --model was a GGUF file: its name inside model_folder
+    task: str = "base"  # --task resolved (eva.cli.tasks): which auto class loads the model
 
     @property
     def model_folder(self) -> str:
@@ -200,9 +202,10 @@ def _check_device(name: Optional[str]) -> str:
     return str(device)
 
 
-def _lora_settings(args):
+def _lora_settings(args, task: str):
     """(LoraConfig, engine options, resolved settings), validated as the engine will (this also
-    checks the EVA_BACKEND environment variable)."""
+    checks the EVA_BACKEND environment variable). ``task`` sets PEFT's ``task_type``."""
+    from .tasks import peft_task_type
     from ..config import resolve_settings
     try:
         from peft import LoraConfig
@@ -211,6 +214,7 @@ def _lora_settings(args):
         raise EvaError("this command needs peft: pip install peft") from exc
     try:
         config = LoraConfig(r=args.rank, target_modules=args.target_modules, init_lora_weights="eva",
+                            task_type=peft_task_type(task),
                             eva_config=EvaConfig(rho=args.rho, tau=args.tau, whiten=args.whiten))
     except ValueError as exc:  # PEFT's own checks (plain ValueError)
         raise EvaError(f"invalid LoRA/EVA settings: {one_line(exc)}; fix --rank/--rho/--tau") from exc
@@ -229,23 +233,32 @@ def _layer_kinds(names: List[str], limit: int = 12) -> str:
     return ", ".join(kinds[:limit]) + (", ..." if len(kinds) > limit else "")
 
 
-def _check_targets(model_config, settings, targets: Union[str, List[str]], path: str) -> None:
-    """--target-modules matches at least one linear layer of the model, found on a weightless
-    copy built from config.json on the meta device (skipped when that copy cannot be built)."""
+def _check_targets(model_config, settings, targets: Union[str, List[str]], path: str, task: str) -> None:
+    """Every --target-modules name matches a layer, and together they match at least one linear
+    layer of the model; checked on a weightless copy of the ``--task`` class built from the config
+    on the meta device (skipped when that copy cannot be built)."""
     import torch
-    from transformers import AutoModel
 
-    from ..peft.targets import find_targets, in_features_of
+    from ..peft.suggest import closest, name_suffixes
+    from ..peft.targets import find_targets, in_features_of, unmatched_target_entries, unmatched_target_message
+    from .tasks import auto_class
     try:
         with torch.device("meta"):
-            skeleton = AutoModel.from_config(model_config)
+            skeleton = auto_class(task).from_config(model_config)
     except Exception:  # an architecture that cannot be built without weights: the engine checks later
         return
+    unmatched = unmatched_target_entries(skeleton, targets, False)
+    if unmatched and len(unmatched) < len(set(targets)):  # others match: these would be dropped silently
+        raise EvaError(unmatched_target_message(skeleton, unmatched, "--target-modules").replace(
+            "no layer of the model", f"no layer of --model {path!r}").replace(
+            "see model.named_modules()", "see eva init --help"))
     if find_targets(skeleton, settings, False):
         return
     linear = [n for n, m in skeleton.named_modules() if in_features_of(m) is not None]
+    near = closest(targets[0], name_suffixes(linear)) if isinstance(targets, list) and linear else []
     raise EvaError(f"--target-modules {_targets_text(targets)!r} matches no linear layer of --model "
-                   f"{path!r}; its linear layers are {_layer_kinds(linear) or 'none'}; give some of those "
+                   f"{path!r}; its linear layers are {_layer_kinds(linear) or 'none'}"
+                   f"{f' (closest to {targets[0]!r}: ' + ', '.join(near) + ')' if near else ''}; give some of those "
                    "(comma-separated) or all-linear")
 
 
@@ -257,7 +270,8 @@ def check_inputs(args, model_path: str, data_path: str) -> Plan:
     gguf_file = _check_model_source(model_path)
     model_config = _read_model_config(model_path, gguf_file)
     _check_max_length(args.max_length, model_config, model_path)
+    task = resolve_task(args.task, model_config, gguf_file, model_path)
     device = _check_device(args.device)
-    lora_config, options, settings = _lora_settings(args)
-    _check_targets(model_config, settings, args.target_modules, model_path)
-    return Plan(model_path, data_path, lines, device, lora_config, options, gguf_file)
+    lora_config, options, settings = _lora_settings(args, task)
+    _check_targets(model_config, settings, args.target_modules, model_path, task)
+    return Plan(model_path, data_path, lines, device, lora_config, options, gguf_file, task)

@@ -86,10 +86,12 @@ def _split_lines(text: str) -> List[str]:
 
 
 class TextBatches:
-    """Re-iterable loader of tokenized batches: ``{"input_ids", "attention_mask", ...}``."""
+    """Re-iterable loader of tokenized batches: ``{"input_ids", "attention_mask", ...}``; with
+    ``labels=True`` also ``labels``: the ``input_ids`` with padding set to -100 (the text as the
+    target of an encoder-decoder model, whose decoder inputs are made from the labels)."""
 
     def __init__(self, tokenizer, lines: List[str], batch_size: int = 8, max_length: int = 128,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, labels: bool = False):
         if batch_size < 1 or max_length < 2:
             raise EvaError("batch_size must be >= 1 and max_length >= 2")
         self.tokenizer = tokenizer
@@ -97,6 +99,7 @@ class TextBatches:
         self.batch_size = batch_size
         self.max_length = max_length
         self.limit = limit
+        self.labels = labels
 
     def __len__(self) -> int:
         n = (len(self.lines) + self.batch_size - 1) // self.batch_size
@@ -105,6 +108,8 @@ class TextBatches:
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
             chunk = self.lines[i * self.batch_size:(i + 1) * self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-            yield dict(enc)
+            enc = dict(self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                      return_tensors="pt"))
+            if self.labels:
+                enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            yield enc

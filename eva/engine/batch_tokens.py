@@ -53,6 +53,7 @@ class BatchTokens:
         self.per_sequence = per_sequence
         self.from_batch = from_batch
         self.single = single
+        self.kept_tokens: Optional[int] = None  # tokens the masks keep, read by keeps_nothing (progress bar)
 
     def rule(self, layer: str, call: int) -> Optional[TokenMask]:
         """The token rule of call ``call`` of ``layer`` (None: every row)."""
@@ -76,13 +77,16 @@ class BatchTokens:
         return self.views.get(seq)
 
     def keeps_nothing(self) -> bool:
-        """Every mask given keeps no token (and at least one is given); one host sync in all."""
+        """Every mask given keeps no token (and at least one is given); one host sync in all.
+        The same sync sets :attr:`kept_tokens`: the tokens the masks keep, over every sequence
+        (None when a rule has no mask reading, e.g. an index list)."""
         rules = [self.single] if self.single is not None else [m for m in self.masks.values() if m is not None]
         if not rules:
             return False
         with_mask = [r for r in rules if r.mask is not None]
-        kept = dict(zip(map(id, with_mask), torch.stack([r.mask.any() for r in with_mask]).tolist())) \
-            if with_mask else {}
+        counts = torch.stack([r.mask.sum() for r in with_mask]).tolist() if with_mask else []
+        kept = {id(r): c > 0 for r, c in zip(with_mask, counts)}
+        self.kept_tokens = int(sum(counts)) if len(with_mask) == len(rules) else None
         verdicts = [r.keeps_nothing(kept.get(id(r))) for r in rules]
         return all(v is True for v in verdicts)
 

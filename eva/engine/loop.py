@@ -39,7 +39,8 @@ from . import allocation, memory_budget
 from .blocks import find_blocks
 from .capture import Capture
 from .finalize import build_result
-from .observer import EvaObserver, Observers, ProgressBar
+from .observer import EvaObserver, Observers
+from .progress import ProgressBar
 from .solve import Solver
 from .state import RunState
 from .batch_tokens import BatchTokens, from_batch, from_model_input
@@ -49,6 +50,14 @@ from .variance_floor import apply_variance_floor
 
 #: ``Traffic.step`` of the collectives of the final solves.
 FINAL_SOLVES = -1
+
+#: The warning of a distributed run: PEFT's, word for word, then how we combine the ranks (the
+#: command line, which deals the lines to the ranks itself, leaves it out).
+DISTRIBUTED_NOTE = ("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
+                    "initialization will gather tensors from all ranks. Ensure the model does not receive the same "
+                    "inputs on different ranks. (eva-kernels keeps each rank's statistics on the rank and sums their "
+                    "products with the eigenbasis instead of gathering activations; pass "
+                    "gather_distributed_inputs=False for independent per-rank runs.)")
 
 #: Marker for the built-in model-input rule (:func:`eva.engine.batch_tokens.from_batch` with the
 #: resolved label-mask settings): what the default ``prepare_model_inputs_fn`` is turned into.
@@ -273,7 +282,7 @@ class Engine:
                     state.step += 1
                     continue
                 self.capture.begin_batch(model_input, batch)
-                state.batches_read += 1
+                state.count_batch(model_input.kept_tokens)
                 self._step(batch)
                 if state.all_settled():
                     state.stop_reason = "converged"
@@ -328,12 +337,8 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
                       settings.options.backend, settings.options.skip_rest_of_forward, observer)
     engine = Engine(model, state, capture, settings, forward_fn, prepare_model_inputs_fn, device, observer,
                     show_progress_bar)
-    if distributed:  # PEFT's warning, word for word, then how we combine the ranks
-        warnings.warn("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
-                      "initialization will gather tensors from all ranks. Ensure the model does not receive the "
-                      "same inputs on different ranks. (eva-kernels keeps each rank's statistics on the rank and "
-                      "sums their products with the eigenbasis instead of gathering activations; pass "
-                      "gather_distributed_inputs=False for independent per-rank runs.)")
+    if distributed:
+        warnings.warn(DISTRIBUTED_NOTE)
     if distributed:  # before the first forward: a mismatch must raise, not hang a collective
         dist_utils.check_ranks_agree(_fingerprint(targets, settings))
     budget = memory_budget.resolve_budget(settings.options.memory_budget, _statistics_device(targets, device))

@@ -13,7 +13,6 @@ no-op default; override what you need. Observers must not modify what they are h
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable, List, Optional
 
 from torch import Tensor
@@ -69,30 +68,3 @@ def wants_rows(observer: EvaObserver) -> bool:
     if isinstance(observer, Observers):
         return any(wants_rows(o) for o in observer.items)
     return type(observer).on_rows is not EvaObserver.on_rows
-
-
-class ProgressBar(EvaObserver):
-    """tqdm bar: converged layers, layers reopened by a reallocation, tokens/s (one tick a step).
-
-    The converged count can go down: when the allocation moves ranks, a layer that had converged
-    on the components it needed may need more, which must converge too (it is re-hooked).
-    """
-
-    def __init__(self, total: Optional[int]):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, desc="EVA", leave=False, unit="batch")
-        self.t0 = time.perf_counter()
-
-    def on_step(self, step: int, state: RunState) -> None:
-        layers_now = sum(len(g.members) for g in state.groups if g.converged)
-        reopened = sum(len(g.members) for g in state.groups if g.ever_converged and not g.converged)
-        tokens = max((g.estimate.tokens for g in state.groups), default=0)
-        desc = f"EVA {layers_now}/{len(state.order)} layers converged"
-        if reopened:
-            desc += f" ({reopened} reopened: rank moved to them)"
-        self.bar.set_description(desc)
-        self.bar.set_postfix_str(f"{tokens / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s")
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()

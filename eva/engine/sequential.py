@@ -124,6 +124,7 @@ class LayerSequentialEngine(Engine):
         self.exhausted = False
         self.out_of_data = ""                   # why no new batch can come: "exhausted" / "max_steps"
         self.keep_batches = False               # cache the batches themselves (a tail window needs them)
+        self.batch_total: Optional[int] = None  # batches the run may read (progress bar; None: unknown)
 
     # --------------------------------------------------------- convergence rule -------------
     def _in_play(self) -> List:
@@ -180,7 +181,7 @@ class LayerSequentialEngine(Engine):
             if problem:
                 raise self._not_replayable(problem)
         entry = self.cache.add(index, model_input, calls, batch if self.keep_batches else None)
-        self.state.batches_read += 1
+        self.state.count_batch(model_input.kept_tokens)
         self.state.peak_cache_bytes = self.cache.peak_bytes
         return entry
 
@@ -359,6 +360,8 @@ class LayerSequentialEngine(Engine):
     def run(self, dataloader) -> EvaStateDict:
         state = self.state
         total_len = self._start(dataloader)
+        limit = self.opts.max_steps
+        self.batch_total = total_len if limit is None else min(limit, total_len or limit)  # None: unknown
         self.it = iter(dataloader)
         with cache_disabled(self.model):
             first = self._take()
@@ -387,12 +390,17 @@ class LayerSequentialEngine(Engine):
             self.keep_batches = tail is not None
             if self.keep_batches:
                 self.cache.keep_batch(entry, first[1])
-            bar = self._progress(None)
+            bar = self._progress(self.batch_total)
+            count = len(windows) + (tail is not None)
             reasons = []
             for i, window in enumerate(windows):
                 keep_until = windows[i + 1].first_block if i + 1 < len(windows) else window.first_block
+                if bar is not None:
+                    bar.start_window(i, count, window.groups)
                 reasons.append(self._run_window(window, lambda e, k=keep_until: self._window_step(e, k)))
             if tail is not None:
+                if bar is not None:
+                    bar.start_window(count - 1, count, tail.groups)
                 reasons.append(self._run_window(tail, self._tail_step))
         finally:
             self.capture.remove_hooks()

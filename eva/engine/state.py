@@ -100,6 +100,8 @@ class RunState:
     group_of: Dict[str, GroupState] = field(default_factory=dict)
     step: int = 0                         # batches taken from the loader (skipped ones included)
     batches_read: int = 0                 # batches that reached a forward (skipped ones excluded)
+    data_tokens: Optional[int] = 0        # tokens those batches' masks keep (None: some batch had no mask)
+    batch_tokens: List[Optional[int]] = field(default_factory=list)  # per batch read, in order (progress bar)
     stop_reason: str = ""
     distributed: bool = False
     backends: Dict[str, str] = field(default_factory=dict)  # op -> backend that ran it
@@ -135,6 +137,13 @@ class RunState:
     def needed(self, group: GroupState) -> int:
         """Components the group's layers need under the current allocation."""
         return max(self.ranks[m] for m in group.members)
+
+    def count_batch(self, kept_tokens: Optional[int]) -> None:
+        """A new batch of data reached a forward, its masks keeping ``kept_tokens`` tokens
+        (None: unknown, then :attr:`data_tokens` becomes None for the rest of the run)."""
+        self.batches_read += 1
+        self.data_tokens = None if kept_tokens is None or self.data_tokens is None else self.data_tokens + kept_tokens
+        self.batch_tokens.append(kept_tokens)
 
     def all_settled(self) -> bool:
         """Every group converged or zero-variance, and at least one converged."""

@@ -74,10 +74,48 @@ def _matches(peft_config: Any, target_modules: Any, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _output_embedding_names(model: nn.Module) -> set:
+#: Attribute names of classification heads PEFT leaves out of all-linear for task_type SEQ_CLS.
+SEQ_CLS_HEADS = ("score", "classifier")
+
+
+def _all_linear_excluded(model: nn.Module, peft_config: Any) -> set:
+    """Names ``"all-linear"`` leaves out, as PEFT does: the output embedding (lm_head), else, for
+    ``task_type="SEQ_CLS"``, the classification head (``score`` / ``classifier``)."""
     get = getattr(model, "get_output_embeddings", None)
-    out = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if out is not None and m is out}
+    head = get() if callable(get) else None
+    if head is None and str(getattr(peft_config, "task_type", "") or "").upper().endswith("SEQ_CLS"):
+        head = next((getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)), None)
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def unmatched_target_entries(model: nn.Module, target_modules: Any, is_peft_model: bool) -> List[str]:
+    """Entries of a list/set ``target_modules`` that name no module of ``model`` (PEFT's rule for a
+    list: an entry matches a module name equal to it or ending in ``"." + entry``). PEFT accepts
+    such entries silently when another entry matches; a typo then drops that layer type from the
+    run. A ``PeftModel`` is checked on its base model's names. Regex strings are not checked
+    entry by entry (one pattern)."""
+    if not isinstance(target_modules, (list, tuple, set, frozenset)):
+        return []
+    names = [n[len(PEFT_PREFIX):] if is_peft_model and n.startswith(PEFT_PREFIX) else n
+             for n, _ in model.named_modules() if n]
+    return sorted(t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names))
+
+
+def unmatched_target_message(model: nn.Module, unmatched: List[str], what: str, partial: bool = True) -> str:
+    """One line: the ``what`` entries that match nothing, the closest layer names, and the fix
+    (``partial``: other entries do match, so these would have been skipped silently)."""
+    from .suggest import closest, name_suffixes
+    linear = name_suffixes(n for n, m in model.named_modules() if n and in_features_of(m) is not None)
+    hints = []
+    for t in unmatched:
+        near = closest(t, linear)
+        hints.append(f"{t!r} (closest: {', '.join(near)})" if near else repr(t))
+    many = len(unmatched) > 1
+    silently = (f" (otherwise {'they are' if many else 'it is'} skipped silently while other entries match)"
+                if partial else "")
+    return (f"{what} {'entries' if many else 'entry'} {'; '.join(hints)} match{'' if many else 'es'} no layer of the "
+            f"model; fix or remove {'them' if many else 'it'}{silently}; an entry matches a module name or its "
+            "dotted suffix (see model.named_modules()), or use all-linear")
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
@@ -97,7 +135,7 @@ def find_targets(model: nn.Module, settings, is_peft_model: bool) -> List[Target
     targets: List[Target] = []
     tm = settings.target_modules
     all_linear = isinstance(tm, str) and tm.lower() == "all-linear"
-    skip = _output_embedding_names(model) if all_linear else set()
+    skip = _all_linear_excluded(model, settings.peft_config) if all_linear else set()
     for name, module in model.named_modules():
         if is_peft_model:
             if not _is_lora_target(module):

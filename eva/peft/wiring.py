@@ -10,6 +10,11 @@ For every LoRA layer of ``adapter_name``:
   default LoRA init (``init_lora_weights=True``) and PEFT's warning; the layer stays in
   ``target_modules``, so a saved adapter keeps it.
 
+Entries are placed by :func:`eva.peft.names.match_names`: a result records the module tree it
+was computed on (``metadata["model"]``), so one computed on ``AutoModel`` loads into a PEFT model
+of ``AutoModelForCausalLM`` (names ``base_model.model.model....``) and vice versa; a result of
+another model type is refused naming both models.
+
 ``rank_pattern``, ``alpha_pattern`` and ``target_modules`` of the adapter's config are updated.
 Every entry is checked (shape vs the layer's in_features, unknown names) before any layer changes.
 """
@@ -17,24 +22,38 @@ from __future__ import annotations
 
 import warnings
 from copy import copy
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from ..config import eva_values
 from ..errors import EvaError
+from .names import ModelFrame, match_names, model_frame
+from .suggest import closest
 from .targets import PEFT_PREFIX, _pattern_key, in_features_of
 
 
-def _lookup(sd: Dict[str, torch.Tensor], name: str):
-    """The entry for a PeftModel module name, accepting plain-model names as well."""
-    if name in sd:
-        return name
-    bare = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-    for key in (bare, PEFT_PREFIX + bare):
-        if key in sd:
-            return key
-    return None
+def _entry_names(model, eva_state_dict, adapter_name: str, lora_names) -> Dict[str, Optional[str]]:
+    """``{key: LoRA layer name or None}``: the keys placed in this model by :func:`match_names`."""
+    saved = ModelFrame.from_metadata(getattr(eva_state_dict, "metadata", {}).get("model"))
+    return match_names(eva_state_dict, saved, model_frame(model), lora_names.__contains__)
+
+
+def _both_models(model, eva_state_dict) -> str:
+    """``"; it was computed on X and this model is Y"`` when the state dict records its model, else ``""``."""
+    saved = ModelFrame.from_metadata(getattr(eva_state_dict, "metadata", {}).get("model"))
+    if saved is None:
+        return ""
+    return f"; it was computed on {saved.describe()} and this model is {model_frame(model).describe()}"
+
+
+def _unknown_message(unknown, mapped_lora, adapter_name: str, model, eva_state_dict) -> str:
+    """Why entries have no LoRA layer, naming both models and the closest LoRA layers."""
+    near = closest(unknown[0], mapped_lora) or closest(unknown[0].rsplit(".", 1)[-1], mapped_lora)
+    hint = f"; the closest LoRA layers are {near}" if near else ""
+    return (f"eva_state_dict has entries for layers without a LoRA adapter {adapter_name!r}: {unknown[:5]}"
+            f"{_both_models(model, eva_state_dict)}{hint}; was it computed for another model or target_modules? "
+            "Give LoraConfig the target_modules the file was computed for (eva inspect FILE prints them)")
 
 
 def load_eva_into_peft_model(model, eva_state_dict: Dict[str, torch.Tensor], adapter_name: str) -> None:
@@ -47,29 +66,30 @@ def load_eva_into_peft_model(model, eva_state_dict: Dict[str, torch.Tensor], ada
     adjust = eva_values(config)["adjust_scaling_factors"]
 
     lora_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    plan, used = [], set()
+    adapted = {n for n, m in lora_layers if adapter_name in getattr(m, "r", {})}  # every LoRA type keeps r per adapter
+    placed = _entry_names(model, eva_state_dict, adapter_name, adapted)
+    key_of = {name: key for key, name in placed.items() if name is not None}
+    unknown = [k for k, name in placed.items() if name is None]
+    if unknown:
+        raise EvaError(_unknown_message(unknown, sorted(adapted), adapter_name, model, eva_state_dict))
+    plan = []
     for name, module in lora_layers:
-        if adapter_name not in getattr(module, "r", {}):  # every LoRA layer type keeps r per adapter
+        if name not in adapted:
             continue
-        key = _lookup(eva_state_dict, name)
+        key = key_of.get(name)
         w = None
         if key is not None:
             w = eva_state_dict[key]
-            used.add(key)
             d = in_features_of(module)
             if d is None:
                 raise EvaError(f"eva_state_dict[{key!r}]: layer {name} is a LoRA {type(module).__name__}, which EVA "
                                "does not initialise (only Linear and Conv1D); remove the entry")
             if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != d:
                 raise EvaError(f"eva_state_dict[{key!r}] has shape {tuple(getattr(w, 'shape', ()))} but layer "
-                               f"{name} needs (rank, {d})")
+                               f"{name} needs (rank, {d}){_both_models(model, eva_state_dict)}")
             if not torch.isfinite(w).all():
                 raise EvaError(f"eva_state_dict[{key!r}] contains NaN/Inf")
         plan.append((name, module, w))
-    unknown = sorted(set(eva_state_dict) - used)
-    if unknown:
-        raise EvaError(f"eva_state_dict has entries for layers without a LoRA adapter {adapter_name!r}: "
-                       f"{unknown[:5]}; was it computed for another model or target_modules?")
 
     rank_pattern, alpha_pattern, kept, missing, others = {}, {}, [], [], []
     lora_names = {n for n, _ in lora_layers}

@@ -59,8 +59,9 @@ def no_loading(monkeypatch):
     """Fail the test if the tokenizer or the model weights are loaded."""
     def refuse(*args, **kwargs):
         raise AssertionError("loaded before the inputs were checked")
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    for auto in (transformers.AutoModel, transformers.AutoModelForCausalLM,
+                 transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +344,9 @@ def test_inspect_bad_file(tmp_path, kind):
 def test_inspect_good_file(tmp_path):
     path = _eva_file(tmp_path / "f.safetensors")
     rc, out, err = call(["inspect", str(path)])
-    assert rc == 0 and err == "" and out.startswith("layer")
+    assert rc == 0 and err == ""
+    head, table = out.split("\n\n", 1)
+    assert "provenance: not recorded" in head and table.startswith("layer")  # a hand-built file: no provenance
 
 
 # ------------------------------------------------------------------------- demo targets ---

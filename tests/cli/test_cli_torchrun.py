@@ -38,6 +38,7 @@ def test_torchrun_two_ranks_write_one_result_from_every_token(tmp_path, lines_fi
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("total rank") == 1  # rank 0 alone
     assert "22 lines dealt to 2 ranks" in proc.stdout
+    assert "gather_distributed_inputs" not in proc.stdout + proc.stderr  # an option the CLI does not have
     assert "2 ranks:" in proc.stdout and "all-reducing the statistics would be" in proc.stdout
     sd = eva.load_eva_state_dict(str(out))
     run = sd.metadata["run"]

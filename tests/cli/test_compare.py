@@ -47,7 +47,7 @@ def run_cli(args, capsys):
     (reviews(40), ("review", "label"), [], r"no column 'text'; its columns are \['review', 'label'\]"),
     ([("nice", "0.5"), ("bad", "1.5")] * 20, ("text", "label"), [], r"holds '0.5': labels must be integers or strings"),
     ([("nice", "pos")] * 40, ("text", "label"), [], r"column 'label' has a single class \('pos' in all 40 rows\)"),
-    (reviews(30), ("text", "label"), [], r"30 rows, but the splits need at least 1800; add rows or lower"),
+    (reviews(3), ("text", "label"), [], r"3 rows, but the train / validation / test splits need at least 4"),
     ([("", "1"), ("fine", "0")] * 20, ("text", "label"), [], r"line 2 has an empty 'text'"),
     (reviews(40), ("text", "label"), ["--methods", "lora,magic"], r"--methods: unknown \['magic'\]"),
 ])

@@ -593,4 +593,6 @@ def test_inspect_good_file_still_works(good_file, capsys):
     from eva.cli import main
     assert main(["inspect", str(good_file)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("layer") and "h.0.mlp.c_fc" in out
+    head, table = out.split("\n\n", 1)
+    assert "settings  r=2" in head and "provenance: not recorded" in head  # hand-built metadata: no provenance
+    assert table.startswith("layer") and "h.0.mlp.c_fc" in table

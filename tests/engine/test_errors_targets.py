@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:EVA stopped:UserWarning", "ignor
 
 def test_target_modules_matching_nothing(gpt2):
     with untouched(gpt2) as spy, \
-            pytest.raises(EvaError, match=r"no target layers found for target_modules=.*q_proj"):
+            pytest.raises(EvaError, match=r"target_modules entry 'q_proj' \(closest: c_proj.*\) matches no layer"):
         run(gpt2, batches(2), lora_config(["q_proj"]), forward_fn=spy.forward_fn)
 
 

@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 import eva
 from eva import EvaError
 from helpers import random_token_batches
-from model_state import assert_restored, lora_config, snapshot
+from model_state import assert_peft_unchanged, assert_restored, lora_config, peft_state, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA stopped:UserWarning", "ignore:lora with eva initialization")
 
@@ -42,22 +42,6 @@ def llama_batches(n=2):
     return random_token_batches(97, n, batch=4, seq=15)
 
 
-def _peft_state(model):
-    cfg = model.peft_config["default"]
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            copy.deepcopy((cfg.target_modules, cfg.rank_pattern, cfg.alpha_pattern, cfg.lora_alpha, cfg.r)),
-            [n for n, _ in model.named_modules()])
-
-
-def assert_peft_unchanged(model, before):
-    sd, cfg, names = _peft_state(model)
-    assert names == before[2], "modules were replaced"
-    assert cfg == before[1], "peft_config was modified"
-    assert sd.keys() == before[0].keys()
-    changed = [k for k in sd if not torch.equal(sd[k], before[0][k])]
-    assert not changed, f"weights changed: {changed[:5]}"
-
-
 @pytest.fixture(scope="module")
 def llama_eva_sd(_peft_llama):
     with warnings.catch_warnings():
@@ -74,14 +58,14 @@ def test_initialize_requires_eva_init(tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
-    before = _peft_state(model)
+    before = peft_state(model)
     with pytest.raises(EvaError, match=r"^`initialize_lora_eva_weights` can only be used with `init_lora_weights='eva'`.*=True"):
         eva.initialize_lora_eva_weights(model, llama_batches())
     assert_peft_unchanged(model, before)
 
 
 def test_initialize_needs_data_or_state_dict(peft_llama):
-    before = _peft_state(peft_llama)
+    before = peft_state(peft_llama)
     with pytest.raises(EvaError, match="^dataloader is required if eva_state_dict is not provided"):
         eva.initialize_lora_eva_weights(peft_llama)
     assert_peft_unchanged(peft_llama, before)
@@ -116,14 +100,14 @@ def test_bad_eva_state_dict_leaves_peft_model_unchanged(peft_llama, llama_eva_sd
         bad[key][0, 0] = float("nan")
         message = rf"eva_state_dict\['{key}'\] contains NaN/Inf"
     # the bad entry is last in iteration order for "extra-key", first otherwise: nothing may change either way
-    before = _peft_state(peft_llama)
+    before = peft_state(peft_llama)
     with pytest.raises(EvaError, match=message):
         eva.initialize_lora_eva_weights(peft_llama, eva_state_dict=bad)
     assert_peft_unchanged(peft_llama, before)
 
 
 def test_failed_run_inside_initialize_leaves_peft_model_unchanged(peft_llama):
-    before = _peft_state(peft_llama)
+    before = peft_state(peft_llama)
     snap = snapshot(peft_llama)
     data = llama_batches(2)
     data[1]["attention_mask"][:] = 0

@@ -94,8 +94,10 @@ def test_plain_model_with_only_unsupported_targets_returns_empty(tiny_gpt2):
 
 
 def test_target_modules_matching_nothing_still_raises(tiny_gpt2):
-    with pytest.raises(eva.EvaError, match=r"no target layers found for target_modules=.*q_proj"):
+    with pytest.raises(eva.EvaError, match=r"LoraConfig.target_modules entry 'q_proj' \(closest: c_proj, .*\) "
+                                           r"matches no layer of the model; fix or remove it; an entry") as info:
         eva.get_eva_state_dict(copy.deepcopy(tiny_gpt2), gpt2_batches(), cfg(["q_proj"]), show_progress_bar=False)
+    assert "silently" not in str(info.value)  # nothing matched, so nothing would have run silently
 
 
 class ConvNet(nn.Module):
