@@ -71,8 +71,9 @@ class ProgressBar(EvaObserver):
         self.window, self.window_started, self.window_groups = (index + 1, count), now, list(groups)
         self.position, self.last_step = 0, None
         self.durations.clear()
+        self.bar.set_description_str(f"EVA window {index + 1}/{count}", refresh=False)
+        self.bar.set_postfix_str("", refresh=False)  # the last window's counts must not show at 0 %
         self.bar.reset(total=self.total)
-        self.bar.set_description_str(f"EVA window {index + 1}/{count}")
 
     def on_step(self, step: int, state: RunState) -> None:
         now = time.perf_counter()

@@ -60,6 +60,9 @@ def test_layer_sequential_bar_counts_data_batches_per_window(llama, capsys, monk
     batches = [(int(a), int(b)) for s in shown for a, b in re.findall(r"batch (\d+)/(\d+)", s)]
     assert batches and all(total == BATCHES and 1 <= n <= BATCHES for n, total in batches)  # never replays
     assert any("window ETA <= " in s for s in shown) and any("run ETA ~ " in s for s in shown)
+    for s in shown:  # the bar and the counter agree (a new window does not show the last one's count)
+        m = re.search(r"batch (\d)/5.* +(\d+)%", s)
+        assert m is None or int(m.group(2)) == 20 * int(m.group(1)), s
     # data tokens/s: the 5 batches' tokens once, so the rate does not collapse as windows replay them
     rates = [int(r.replace(",", "")) for s in shown for r in re.findall(r"([\d,]+) data tok/s", s)]
     assert rates and all(r > 0 for r in rates)
