@@ -58,8 +58,9 @@ def _add_data_options(cmp: argparse.ArgumentParser) -> None:
                      help="column holding the texts (default: %(default)s)")
     cmp.add_argument("--label-column", default="label", metavar="NAME",
                      help="column holding the labels, integers or class names (default: %(default)s)")
-    sizes = (("--train-size", "train", 2, "training rows"), ("--validation-size", "validation", 1,
-             "validation rows, for the learning-rate search"), ("--test-size", "test", 1, "test rows, for the accuracy"))
+    sizes = (("--train-size", "train", 2, "training rows"),
+             ("--validation-size", "validation", 1, "validation rows, for the learning-rate search"),
+             ("--test-size", "test", 1, "test rows, for the accuracy"))
     for flag, key, low, what in sizes:
         cmp.add_argument(flag, type=_int_at_least(low, what), default=None, metavar="N",
                          help=f"{what} (default: {SPLIT_DEFAULTS[key]}, scaled down to a smaller CSV)")

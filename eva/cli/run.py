@@ -89,8 +89,9 @@ def _run_ranked(args, plan: Plan, model_path: str, data_path: str, me) -> int:
         print(f"note: {w.message}")
     run = sd.metadata["run"]
     shards = f" dealt to {me.world} ranks" if me.world > 1 else ""
-    print(f"\nmodel {model_path} (--task {plan.task}: {type(model).__name__})\ndata {data_path}: {len(plan.lines)} lines{shards}, batch {args.batch_size} x <= "
-          f"{args.max_length} tokens\nloaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} ("
+    print(f"\nmodel {model_path} (--task {plan.task}: {type(model).__name__})\ndata {data_path}: "
+          f"{len(plan.lines)} lines{shards}, batch {args.batch_size} x <= {args.max_length} tokens\n"
+          f"loaded in {load_s:.2f} s; EVA {elapsed:.2f} s on {plan.device} ("
           f"{', '.join(f'{op} {name}' for op, name in run['backends'].items())}, {run['orthonormalization']} "
           f"QR): {run['steps']} batches, stop: {run['stop_reason']}, forward+capture "
           f"{run['forward_seconds']:.2f} s, final solve {run['polish_seconds']:.2f} s, statistics "

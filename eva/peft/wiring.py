@@ -33,15 +33,14 @@ from .suggest import closest
 from .targets import PEFT_PREFIX, _pattern_key, in_features_of
 
 
-def _entry_names(model, eva_state_dict, adapter_name: str, lora_names) -> Dict[str, Optional[str]]:
-    """``{key: LoRA layer name or None}``: the keys placed in this model by :func:`match_names`."""
-    saved = ModelFrame.from_metadata(getattr(eva_state_dict, "metadata", {}).get("model"))
-    return match_names(eva_state_dict, saved, model_frame(model), lora_names.__contains__)
+def _saved_frame(eva_state_dict) -> Optional[ModelFrame]:
+    """The module tree the state dict was computed on (``metadata["model"]``), None when not recorded."""
+    return ModelFrame.from_metadata(getattr(eva_state_dict, "metadata", {}).get("model"))
 
 
 def _both_models(model, eva_state_dict) -> str:
     """``"; it was computed on X and this model is Y"`` when the state dict records its model, else ``""``."""
-    saved = ModelFrame.from_metadata(getattr(eva_state_dict, "metadata", {}).get("model"))
+    saved = _saved_frame(eva_state_dict)
     if saved is None:
         return ""
     return f"; it was computed on {saved.describe()} and this model is {model_frame(model).describe()}"
@@ -67,7 +66,7 @@ def load_eva_into_peft_model(model, eva_state_dict: Dict[str, torch.Tensor], ada
 
     lora_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     adapted = {n for n, m in lora_layers if adapter_name in getattr(m, "r", {})}  # every LoRA type keeps r per adapter
-    placed = _entry_names(model, eva_state_dict, adapter_name, adapted)
+    placed = match_names(eva_state_dict, _saved_frame(eva_state_dict), model_frame(model), adapted.__contains__)
     key_of = {name: key for key, name in placed.items() if name is not None}
     unknown = [k for k, name in placed.items() if name is None]
     if unknown:
