@@ -62,7 +62,9 @@ class EvaOptions:
             every batch). Between checks the groups only accumulate, so the solves cost 1/k;
             convergence then compares estimates k batches apart (a stricter test) and a group
             may consume up to k - 1 batches after the check it would have passed earlier. The
-            components are the exact PCA of the tokens consumed either way.
+            components are the exact PCA of the tokens consumed either way. "auto": the gap is
+            measured as the run goes, so that the solves stay under 10% of its wall time
+            (:mod:`eva.engine.cadence`; the gaps chosen are ``metadata["run"]["cadence"]``).
         batch_solves: True: solve the groups of one width (and rank, device, mode) together,
             in batched calls (:func:`eva_kernels.topk_eigh_batched`: PyTorch's batched GEMM on
             symmetric copies), so that a step's small solver launches do not grow with the
@@ -72,7 +74,14 @@ class EvaOptions:
             latency-bound); per group on one CPU process, where the solves are bound by FLOPs
             and memory and the symmetric copies batching needs cost more than the launches it
             saves (MiniLM bench, 74 steps: 1.8 s batched vs 1.7 s per group). Results agree to
-            floating-point rounding; the final polish is always per group.
+            floating-point rounding. The final polish follows the same choice: batched, every
+            width iterates together with one host synchronisation per round.
+        rayleigh_ritz: where the batched solves' small (b, b) eigenproblems are solved
+            (:mod:`eva_kernels.ops.subspace_batch`): "device" (``torch.linalg.eigh`` per width on
+            the statistics' device), "host" (every width's in one float64 transfer per round: one
+            host synchronisation, at any block size), or "auto" (default): "host" on CUDA,
+            where ``eigh`` synchronises anyway and beyond b = 32 loops matrix by matrix, "device"
+            elsewhere (CPU results unchanged). Not measured on a GPU yet.
         solve_batch_bytes: bound on the transient memory of one batched solve (the symmetric
             copies, ``2 * groups * d^2 * 4`` bytes); more groups are solved in several chunks.
         final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final
@@ -105,8 +114,9 @@ class EvaOptions:
     skip_rest_of_forward: bool = True
     oversample: int = 8
     iters: int = 2
-    check_every: int = 1
+    check_every: Union[int, str] = 1
     batch_solves: Union[bool, str] = "auto"
+    rayleigh_ritz: str = "auto"
     solve_batch_bytes: int = 1 << 30
     final_tol: float = 1e-4
     final_max_iters: int = 50
@@ -131,9 +141,13 @@ class EvaOptions:
                    f"must be an int in [0, {MAX_OVERSAMPLE}] (extra eigensolver columns; 8 is plenty)")
         _check_int("iters", self.iters, 1, MAX_ITERS,
                    f"must be an int in [1, {MAX_ITERS}] (subspace iterations per batch; iters >= 1)")
-        _check_int("check_every", self.check_every, 1, None, "must be an int >= 1 (batches between solves)")
+        if self.check_every != "auto":
+            _check_int("check_every", self.check_every, 1, None,
+                       "must be an int >= 1 (batches between solves) or 'auto' (solves kept under 10% of the run)")
         if self.batch_solves != "auto":
             _check_bool("batch_solves", self.batch_solves)
+        if self.rayleigh_ritz not in ("auto", "device", "host"):
+            raise EvaError(f"rayleigh_ritz must be 'auto', 'device' or 'host', got {self.rayleigh_ritz!r}")
         _check_int("solve_batch_bytes", self.solve_batch_bytes, 1, None,
                    "must be an int >= 1 (bytes of one batched solve's symmetric copies, e.g. 1 << 30)")
         _check_int("final_max_iters", self.final_max_iters, 1, MAX_FINAL_ITERS,

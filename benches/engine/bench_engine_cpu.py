@@ -44,7 +44,8 @@ def parse_args(argv=None):
                        quick="at most 8 batches, 1 repeat, PEFT capped at 12 forwards (a smoke test)")
     add_eva_args(p, batches=200, batch_size=4, r=8)
     add_compare_args(p, repeats=3)
-    p.add_argument("--check-every", type=int, default=1, help="EVA option check_every: batches between solves")
+    p.add_argument("--check-every", type=lambda t: t if t == "auto" else int(t), default=1,
+                   help="EVA option check_every: batches between solves, or auto")
     p.add_argument("--no-batch-solves", action="store_true",
                    help="EVA option batch_solves=False: one solve per group (default: batched by shape)")
     return p.parse_args(argv)

@@ -53,7 +53,7 @@ def _compute(model, loader, plan: Plan, quiet: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sd = get_eva_state_dict(model, loader, plan.lora_config, show_progress_bar=not quiet, **plan.options)
-    from ..engine.loop import DISTRIBUTED_NOTE  # the CLI deals the lines to the ranks itself: not for its users
+    from ..engine.run import DISTRIBUTED_NOTE  # the CLI deals the lines to the ranks itself: not for its users
     notes = [w for w in caught if issubclass(w.category, UserWarning) and "eva" in str(w.filename)
              and str(w.message) != DISTRIBUTED_NOTE]
     return sd, time.perf_counter() - t0, notes

@@ -19,7 +19,8 @@ Rooms, one job each:
 * :mod:`.blocks`, :mod:`.block_probe`, :mod:`.block_inputs` — the block list and its stubs, the
   first-batch check that replaying blocks is exact, the block inputs cached per batch.
 """
-from .loop import TOKEN_MASK, Engine, run_eva
+from .loop import TOKEN_MASK, Engine
+from .run import run_eva
 from .observer import EvaObserver
 from .state import GroupState, RunState
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from torch import Tensor, nn
 
 from ..errors import EvaError, _StopForward
-from ..peft.targets import PEFT_PREFIX
+from .module_names import PEFT_PREFIX
 from .tokens import leading_tensor
 
 #: Keyword arguments that carry a KV cache: replayed as None (the cache is disabled in these runs).

@@ -27,7 +27,7 @@ from torch import Tensor
 import eva_kernels
 
 from ..errors import EvaError, _StopForward
-from ..peft.targets import PEFT_PREFIX
+from .module_names import PEFT_PREFIX
 from .groups import LiveViews, group_by_signature
 from .observer import EvaObserver, wants_rows
 from .sequences import SequenceLayout

@@ -50,11 +50,12 @@ def _check_converged(state: RunState, settings: EvaSettings) -> None:
     warnings.warn(msg)
 
 
-def polish_groups(groups, solver, step: int) -> None:
-    """Final solve of ``groups`` to the residual tolerance (warm-started), one sync."""
-    for g in groups:
-        solver.solve(g, step, final=True)
+def polish_groups(groups, solver, step: int) -> int:
+    """Final solve of ``groups`` to the residual tolerance (warm-started, :meth:`Solver.polish`),
+    then one sync of their pending values; returns the rounds of a batched polish (0: per group)."""
+    solver.polish(groups, step)
     solver.sync(groups, step)
+    return solver.polish_rounds
 
 
 def _polish(state: RunState, solver) -> None:
@@ -65,7 +66,8 @@ def _polish(state: RunState, solver) -> None:
     if not state.groups:  # every batch was skipped (skip_empty_batches=True): nothing was captured
         raise EvaError(f"every batch was skipped ({state.step} batch(es)): no token left after the padding/label "
                        "mask; check the attention masks and labels, or set use_label_mask=False")
-    polish_groups([g for g in state.groups if g.stats is not None and g.stats.live], solver, state.step)
+    rounds = polish_groups([g for g in state.groups if g.stats is not None and g.stats.live], solver, state.step)
+    state.polish_rounds = max(state.polish_rounds, rounds)
     solved = [g for g in state.groups if g.stats is not None]
     _check_zero_variance(apply_variance_floor(solved), len(solved))
     allocation.reallocate(state)
@@ -120,6 +122,8 @@ def _run_info(state: RunState) -> dict:
         "stats_seconds": state.stats_seconds,
         "solve_seconds": state.solve_seconds,
         "polish_seconds": state.polish_seconds,
+        "polish_rounds": state.polish_rounds,
+        "cadence": state.cadence.describe() if state.cadence is not None else None,
         "peak_statistics_bytes": state.peak_stat_bytes,
         "mode": state.mode,
         "memory_budget": state.memory_budget,

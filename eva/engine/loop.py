@@ -1,6 +1,6 @@
 """The EVA streaming loop: batches in, converged estimates out.
 
-One run (:func:`run_eva`):
+One run (:func:`eva.engine.run.run_eva` sets it up and picks this engine or the layer-sequential one):
 
 1. First batch: every target layer is hooked (:mod:`.capture`); shared-input groups form on
    the fly and are checked call by call at its end; each call's token sequence is recorded
@@ -35,29 +35,20 @@ from .. import distributed as dist_utils
 from ..config import EvaSettings
 from ..errors import EvaError, _StopForward
 from ..result import EvaStateDict
-from . import allocation, memory_budget
-from .blocks import find_blocks
+from . import allocation
 from .capture import Capture
+from .batch_tokens import BatchTokens, from_batch, from_model_input
+from .cadence import SolveCadence
 from .finalize import build_result
 from .observer import EvaObserver, Observers
 from .progress import ProgressBar
 from .solve import Solver
 from .state import RunState
-from .batch_tokens import BatchTokens, from_batch, from_model_input
-from .sequences import SequenceLayout
 from .tokens import move_inputs_to_device
 from .variance_floor import apply_variance_floor
 
 #: ``Traffic.step`` of the collectives of the final solves.
 FINAL_SOLVES = -1
-
-#: The warning of a distributed run: PEFT's, word for word, then how we combine the ranks (the
-#: command line, which deals the lines to the ranks itself, leaves it out).
-DISTRIBUTED_NOTE = ("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
-                    "initialization will gather tensors from all ranks. Ensure the model does not receive the same "
-                    "inputs on different ranks. (eva-kernels keeps each rank's statistics on the rank and sums their "
-                    "products with the eigenbasis instead of gathering activations; pass "
-                    "gather_distributed_inputs=False for independent per-rank runs.)")
 
 #: Marker for the built-in model-input rule (:func:`eva.engine.batch_tokens.from_batch` with the
 #: resolved label-mask settings): what the default ``prepare_model_inputs_fn`` is turned into.
@@ -95,6 +86,9 @@ class Engine:
         self.show_progress_bar = show_progress_bar
         self.solver: Optional[Solver] = None
         self._fetched = False  # whether a batch was fetched yet (the first step's rank check)
+        if state.cadence is None:
+            state.cadence = SolveCadence(self.opts.check_every)
+        self.cadence = state.cadence
 
     # ---------------------------------------------------------------- one step -------------
     def _model_input(self, batch) -> BatchTokens:
@@ -189,7 +183,7 @@ class Engine:
                 g.estimate.steps += 1
                 g.hooks.unsolved = True
         state.step += 1
-        if state.step % self.opts.check_every == 0:
+        if self.cadence.due(state.step):
             self._check()
         self.observer.on_step(state.step, state)
 
@@ -205,8 +199,18 @@ class Engine:
             g.hooks.unsolved = False
         self.solver.sync(due, state.step - 1)
         apply_variance_floor(state.groups)
-        state.solve_seconds += time.perf_counter() - ts
+        took = time.perf_counter() - ts
+        state.solve_seconds += took
         self._update_convergence()
+        self._plan_next_check(took)
+
+    def _plan_next_check(self, took: float) -> None:
+        """Tell the cadence what the check cost against a batch's forward and statistics."""
+        state = self.state
+        agree = None
+        if state.distributed:
+            agree = lambda k: dist_utils.agreed_min(k, dist_utils.collective_device(), state.traffic)  # noqa: E731
+        self.cadence.checked(state.step, took, state.forward_seconds / max(state.step, 1), agree)
 
     # ---------------------------------------------------------------- main loop ------------
     def _next_batch(self, it):
@@ -303,7 +307,8 @@ class Engine:
         if self.solver is not None:
             out["topk_eigh"] = self.solver.backend.name
             if self.solver.batched:
-                out["topk_eigh_batched"] = "torch"  # streaming solves of groups sharing a shape
+                out["topk_eigh_batched"] = "torch"  # streaming solves and polish of groups sharing a shape
+                out["small_eigh"] = self.solver.rayleigh_ritz  # where their (b, b) eigenproblems ran
         return out
 
     def _progress(self, total) -> Optional[ProgressBar]:
@@ -317,67 +322,3 @@ class Engine:
             return None
         self.observer = Observers([bar, self.observer])
         return bar
-
-
-def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, forward_fn: Callable,
-            prepare_model_inputs_fn, prepare_layer_inputs_fn, device: Optional[torch.device],
-            gather_distributed_inputs: bool, show_progress_bar: bool, masked_layer_defaults: tuple = (),
-            observers=()) -> EvaStateDict:
-    """Run the engine with the model in eval mode under no_grad; hooks and mode always restored.
-
-    ``prepare_model_inputs_fn`` may be :data:`TOKEN_MASK` (the built-in rule);
-    ``masked_layer_defaults``: layer-input functions that mean "the masked tokens" (fused path).
-    """
-    from .capture import layer_rules
-    distributed = dist_utils.active(gather_distributed_inputs)
-    state = RunState.for_targets(targets, distributed)
-    observer = Observers(observers)
-    rules = layer_rules(prepare_layer_inputs_fn, state, masked_layer_defaults)
-    capture = Capture(state, rules, SequenceLayout(model, targets), settings.options.centered,
-                      settings.options.backend, settings.options.skip_rest_of_forward, observer)
-    engine = Engine(model, state, capture, settings, forward_fn, prepare_model_inputs_fn, device, observer,
-                    show_progress_bar)
-    if distributed:
-        warnings.warn(DISTRIBUTED_NOTE)
-    if distributed:  # before the first forward: a mismatch must raise, not hang a collective
-        dist_utils.check_ranks_agree(_fingerprint(targets, settings))
-    budget = memory_budget.resolve_budget(settings.options.memory_budget, _statistics_device(targets, device))
-    if distributed and budget is not None:  # "auto" reads each rank's free memory: the ranks plan alike
-        budget = dist_utils.agreed_min(budget, dist_utils.collective_device(), state.traffic)
-    state.memory_budget = budget
-    if budget is not None:
-        memory_budget.check_budget_floor(targets, budget, settings.options.centered)
-    if budget is not None and not memory_budget.fits_at_once([t.in_features for t in targets], budget,
-                                                            settings.options.centered):
-        from .sequential import LayerSequentialEngine
-        weights = {id(t.module): memory_budget.statistic_bytes(t.in_features, settings.options.centered)
-                   for t in targets}
-        blocks = find_blocks(model, settings.options.blocks, weights)
-        engine = LayerSequentialEngine(engine, blocks, budget)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return engine.run(dataloader)
-    finally:
-        capture.remove_hooks()
-        for module, training in modes:  # per module: mixed train/eval states survive
-            module.training = training
-
-
-def _fingerprint(targets: List, settings: EvaSettings) -> dict:
-    """What every rank of a distributed run must agree on: the target layers (name, width, rank,
-    components offered) and the settings (per-rank ones, like ``offload_device``, left out)."""
-    meta = settings.metadata()
-    meta.pop("offload_device", None)
-    return {"settings": meta, "targets": {t.name: {"in_features": t.in_features, "rank": t.rank,
-                                                  "max_components": t.max_components} for t in targets}}
-
-
-def _statistics_device(targets: List, device: Optional[torch.device]) -> torch.device:
-    """Where the statistics will live, for ``memory_budget="auto"``: the inputs' device, else the
-    first target's weight's (CPU when it is on meta: accelerate offload computes on CPU here)."""
-    if device is not None:
-        return device
-    w = getattr(targets[0].module, "weight", None)
-    return w.device if w is not None and w.device.type != "meta" else torch.device("cpu")

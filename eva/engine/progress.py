@@ -85,6 +85,9 @@ class ProgressBar(EvaObserver):
         layers = sum(len(g.members) for g in self._groups(state))
         parts = [f"batch {self.position}/{self.total}" if self.total else f"batch {self.position}",
                  f"{converged}/{layers} layers converged", self._rate(state, now)]
+        cadence = getattr(state, "cadence", None)
+        if cadence is not None and (cadence.auto or cadence.k > 1):
+            parts.append(f"solves every {cadence.k}")
         parts += self._eta(now)
         self.bar.set_postfix_str(", ".join(p for p in parts if p), refresh=False)
         self.bar.update(1)

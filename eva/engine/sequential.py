@@ -1,7 +1,7 @@
 """Layer-sequential calibration: the model's blocks a window at a time, within a memory budget.
 
 When the statistics of every shared-input group do not fit in ``EvaOptions.memory_budget``
-together (:mod:`.memory_budget`), :func:`eva.engine.loop.run_eva` runs a
+together (:mod:`.memory_budget`), :func:`eva.engine.run.run_eva` runs a
 :class:`LayerSequentialEngine`:
 
 1. **Discovery** (first batch): one real forward with every target hooked finds the groups
@@ -313,7 +313,7 @@ class LayerSequentialEngine(Engine):
                 g.estimate.steps += 1
                 g.hooks.unsolved = True
         state.step = entry.index + 1
-        if state.step % self.opts.check_every == 0:
+        if self.cadence.due(state.step):
             self._check()
         self.observer.on_step(state.step, state)
 
@@ -329,6 +329,7 @@ class LayerSequentialEngine(Engine):
         for g in window.groups:
             self.capture.set_hooked(g, True)
         pos, reason = 0, ""
+        self.cadence.restart(1)  # the window's first batch is checked, as a run's first is
         while not reason:
             entry = self._entry(pos)
             if entry is None:
@@ -346,7 +347,7 @@ class LayerSequentialEngine(Engine):
         state.traffic.step = FINAL_SOLVES
         t0 = time.perf_counter()
         live = [g for g in window.groups if g.stats is not None]
-        polish_groups(live, self.solver, state.step)
+        state.polish_rounds = max(state.polish_rounds, polish_groups(live, self.solver, state.step))
         state.polish_seconds += time.perf_counter() - t0
         for g in live:
             state.stat_bytes -= g.stats.release()

@@ -1,13 +1,16 @@
 """Per-group eigen-estimates: one warm-started solve per group per step, one host sync per step.
 
-:meth:`Solver.solve_all` solves the groups due at a step: groups of the same width, rank,
-dtype, device and mode together in batched calls (``EvaOptions.batch_solves``, default:
-:func:`eva_kernels.topk_eigh_batched` plus batched bookkeeping, so the launches per step grow
-with the number of distinct widths, not of layers), a group alone per :meth:`Solver.solve`.
-Either leaves device tensors in ``group.estimate.pending`` (eigenvalues, the
-variance terms of :mod:`eva.engine.variance_floor`, token count, a finiteness flag, cosines with
-the previous estimate); :meth:`Solver.sync` brings all of them to the host in one transfer per
-device and raises if a group saw NaN/Inf. Explained variance ratios are formed on the host by
+:meth:`Solver.solve_all` solves the groups due at a step. With ``EvaOptions.batch_solves``
+(default on GPUs) every width's groups run together as :class:`eva_kernels.SubspaceBatch`
+chunks driven by :func:`eva_kernels.solve_batches`, whose small eigenproblems are solved in one
+place (``EvaOptions.rayleigh_ritz``: on the host in one transfer per round, the CUDA default),
+with batched bookkeeping, so the launches per step grow with the number of distinct widths, not
+of layers; otherwise one :func:`eva_kernels.topk_eigh` per group. :meth:`Solver.polish` does the
+final solves to ``final_tol`` the same way (batched: one host sync per round for every width).
+Either leaves device tensors in ``group.estimate.pending`` (eigenvalues, the variance terms of
+:mod:`eva.engine.variance_floor`, token count, a finiteness flag, cosines with the previous
+estimate); :meth:`Solver.sync` brings all of them to the host in one transfer per device and
+raises if a group saw NaN/Inf. Explained variance ratios are formed on the host by
 :func:`eva.engine.variance_floor.apply_variance_floor`, which needs every group's variance at once.
 """
 from __future__ import annotations
@@ -45,6 +48,11 @@ def batched_solves(option, device_type: str, distributed: bool = False) -> bool:
     return (device_type != "cpu" or distributed) if option == "auto" else bool(option)
 
 
+def rayleigh_ritz_for(option: str, device_type: str) -> str:
+    """``EvaOptions.rayleigh_ritz`` resolved: "auto" is "host" on CUDA, "device" elsewhere."""
+    return ("host" if device_type == "cuda" else "device") if option == "auto" else option
+
+
 class Solver:
     """Runs the solves of one run with the options and the backend resolved for it.
 
@@ -64,48 +72,81 @@ class Solver:
         self.orthonormalization = orthonormalization
         self.traffic = traffic
         self.distributed = traffic is not None
-        #: whether streaming solves of groups sharing a shape go through ``topk_eigh_batched``
+        #: whether the solves of groups sharing a shape run batched (:meth:`_run_batched`)
         self.batched = batched_solves(opts.batch_solves, device_type, self.distributed)
+        #: where batched solves solve their small eigenproblems (EvaOptions.rayleigh_ritz resolved)
+        self.rayleigh_ritz = rayleigh_ritz_for(opts.rayleigh_ritz, device_type)
+        #: most rounds of a batched polish (each: one product per running matrix)
+        self.polish_rounds = 0
 
     def solve_all(self, groups: List[GroupState], step: int) -> None:
-        """Streaming solves of ``groups`` at ``step`` (batched where several share a shape)."""
+        """Streaming solves of ``groups`` at ``step``: batched (every width together, one
+        Rayleigh-Ritz place per round, see :meth:`_run_batched`), or one per group."""
         if not self.batched:
             for g in groups:
                 self.solve(g, step)
             return
+        self._run_batched(groups, step, final=False)
+
+    def _buckets(self, groups: List[GroupState]) -> List[List[GroupState]]:
+        """``groups`` split into sets that can be solved together (width, rank, dtype, device, mode)."""
         buckets: Dict[tuple, List[GroupState]] = {}
         for g in groups:
             cov = g.stats.cov
             buckets.setdefault((cov.device, cov.dtype, cov.shape[0], g.max_components, g.stats.centered), []).append(g)
-        for members in buckets.values():
-            if len(members) == 1:
-                self.solve(members[0], step)
-                continue
-            try:
-                self._solve_batch(members, step)
-            except RuntimeError as exc:
-                for g in members:
-                    if not bool(_finite(torch.diagonal(g.stats.cov), g.stats.colsum)):
-                        raise _nan_error(g.members, step) from exc
-                raise
+        return list(buckets.values())
 
-    def _solve_batch(self, groups: List[GroupState], step: int) -> None:
-        opts = self.opts
+    def _vectors(self, groups: List[GroupState]):
+        """Stacked (diag, colsum, count) of ``groups`` (summed over ranks in a distributed run),
+        and the ``reduce`` of the products."""
         stats = [g.stats for g in groups]
-        centred = stats[0].centered
         diag = torch.stack([torch.diagonal(s.cov) for s in stats])
         colsum = torch.stack([s.colsum for s in stats])
         count = torch.stack([s.count for s in stats])
-        reduce = None
-        if self.distributed:  # one all-reduce of every group's vectors, then one per iteration
-            colsum, count, diag = dist_utils.reduced_vectors(colsum, count, diag, self.traffic)
-            reduce = self.traffic.all_reduce
-        res = eva_kernels.topk_eigh_batched(
-            [s.cov for s in stats], groups[0].max_components,
-            colsums=list(colsum) if centred else None, counts=list(count) if centred else None,
-            inits=[g.estimate.basis for g in groups], oversample=opts.oversample, iters=opts.iters,
-            seed=opts.seed + step, orthonormalization=self.orthonormalization, max_batch_bytes=opts.solve_batch_bytes,
-            reduce=reduce)
+        if not self.distributed:
+            return diag, colsum, count, None
+        colsum, count, diag = dist_utils.reduced_vectors(colsum, count, diag, self.traffic)
+        return diag, colsum, count, self.traffic.all_reduce
+
+    def _run_batched(self, groups: List[GroupState], step: int, final: bool) -> None:
+        """Every width's groups in :class:`eva_kernels.SubspaceBatch` chunks, run together by
+        :func:`eva_kernels.solve_batches` (streaming: ``iters`` products; ``final``: to
+        ``final_tol``), then their pending values recorded in batched ops."""
+        opts, plans = self.opts, []
+        for members in self._buckets(groups):
+            diag, colsum, count, reduce = self._vectors(members)
+            cov = members[0].stats.cov
+            centred = members[0].stats.centered
+            per = max(1, int(opts.solve_batch_bytes // max(1, cov.shape[0] ** 2 * cov.element_size())))
+            for lo in range(0, len(members), per):
+                part = slice(lo, lo + per)
+                batch = eva_kernels.SubspaceBatch(
+                    [g.stats.cov for g in members[part]], members[0].max_components,
+                    colsums=list(colsum[part]) if centred else None, counts=list(count[part]) if centred else None,
+                    inits=[g.estimate.basis for g in members[part]], oversample=opts.oversample,
+                    iters=1 if final else opts.iters, seed=opts.seed if final else opts.seed + step,
+                    method=self.orthonormalization, tol=opts.final_tol if final else None,
+                    max_iters=opts.final_max_iters, reduce=reduce)
+                plans.append((members[part], batch, diag[part], colsum[part], count[part]))
+        try:
+            rounds = eva_kernels.solve_batches([p[1] for p in plans], self.rayleigh_ritz)
+        except RuntimeError as exc:  # LAPACK refuses NaN/Inf: name the layers whose statistics hold them
+            for g in groups:
+                if not bool(_finite(torch.diagonal(g.stats.cov), g.stats.colsum)):
+                    raise _nan_error(g.members, step) from exc
+            raise
+        if final:
+            self.polish_rounds = max(self.polish_rounds, rounds)
+        for members, batch, diag, colsum, count in plans:
+            self._record_batch(members, batch.results, diag, colsum, count, cosines=not final)
+
+    def _record_batch(self, groups: List[GroupState], res, diag: Tensor, colsum: Tensor, count: Tensor,
+                      cosines: bool) -> None:
+        """Store ``res`` (one :class:`EighBasis` per group) and the pending values of ``groups``
+        in batched ops: eigenvalues, variance terms, token count, finiteness, and (``cosines``)
+        the cosines with the previous estimate."""
+        stats = [g.stats for g in groups]
+        centred = stats[0].centered
         shifts = [s.shift for s in stats]
         shift = torch.stack(shifts) if centred and all(x is not None for x in shifts) else None
         var = variance_terms_batched(centred, diag, colsum, count, shift,
@@ -115,18 +156,32 @@ class Solver:
         vecs = torch.stack([r.eigenvectors for r in res])
         prev = [g.estimate.components for g in groups]
         cos = (eva_kernels.component_cosines(torch.stack(prev), vecs).to(torch.float64)
-               if all(p is not None for p in prev) else None)
+               if cosines and all(p is not None for p in prev) else None)
         counts64 = count.to(torch.float64)
         for i, (g, r) in enumerate(zip(groups, res)):
             est = g.estimate
             est.pending = {"eig": eig[i], "var": var[i], "count": counts64[i].reshape(1), "finite": finite[i].reshape(1)}
             if cos is not None:
                 est.pending["cos"] = cos[i]
-            elif est.components is not None:
+            elif cosines and est.components is not None:
                 est.pending["cos"] = eva_kernels.component_cosines(est.components, r.eigenvectors).to(torch.float64)
             est.basis = r.basis
             est.components = r.eigenvectors
             est.eigenvalues = r.eigenvalues
+
+    def polish(self, groups: List[GroupState], step: int) -> None:
+        """Final solves of ``groups`` to ``final_tol`` (warm-started from the streaming basis).
+
+        Batched solves: every width iterates together, with one Rayleigh-Ritz place and at most
+        one host synchronisation per round for all of them (:meth:`_run_batched`); otherwise
+        one :func:`eva_kernels.topk_eigh` per group, whose residual test syncs every iteration.
+        Leaves pending values for :meth:`sync`, like the streaming solves.
+        """
+        if not self.batched:
+            for g in groups:
+                self.solve(g, step, final=True)
+            return
+        self._run_batched(groups, step, final=True)
 
     def solve(self, group: GroupState, step: int, final: bool = False) -> None:
         """Re-estimate ``group``'s top ``max_components`` eigenpairs (no host sync on the normal path).
@@ -176,8 +231,8 @@ class Solver:
         for g in groups:
             by_device.setdefault(g.estimate.pending["count"].device, []).append(g)
         for dev_groups in by_device.values():
-            flat = torch.cat([torch.cat([g.estimate.pending[k].reshape(-1) for k in sorted(g.estimate.pending)])
-                              for g in dev_groups]).cpu().tolist()
+            pieces = [g.estimate.pending[k].reshape(-1) for g in dev_groups for k in sorted(g.estimate.pending)]
+            flat = torch.cat(pieces).to("cpu", copy=True).tolist()  # one op and one copy (counted on CPU too)
             pos = 0
             for g in dev_groups:
                 est, vals = g.estimate, {}

@@ -111,6 +111,8 @@ class RunState:
     stats_seconds: float = 0.0            # the statistic updates alone (wall clock: on a GPU, launches)
     solve_seconds: float = 0.0            # streaming solves, syncs and variance floor
     polish_seconds: float = 0.0
+    polish_rounds: int = 0                # most rounds of a batched polish (0: per-group polish)
+    cadence: Any = None                   # the run's eva.engine.cadence.SolveCadence (set by the engine)
     stat_bytes: int = 0                   # bytes of the live statistics (all groups, all devices)
     peak_stat_bytes: int = 0              # their peak over the run
     mode: str = "all_at_once"             # or "layer_sequential" (see eva.engine.sequential)

@@ -14,9 +14,8 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
+from ..engine.module_names import PEFT_PREFIX  # noqa: F401  (re-exported: the names of eva.peft use it)
 from ..errors import EvaError
-
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass

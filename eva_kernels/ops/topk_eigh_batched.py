@@ -27,23 +27,13 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..linalg import orthonormalization_for, orthonormalize
+from ..linalg import orthonormalization_for
 from ..subspace import fix_signs
+from .subspace_batch import SubspaceBatch, solve_batches, symmetric_stack
 from .topk_eigh import EighBasis, _check_args
 
 #: Default bound on the transient memory of one chunk (bytes).
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
-
-
-def _symmetric_stack(covs: Sequence[Tensor]) -> Tensor:
-    """(G, d, d): each matrix's upper triangle mirrored into its lower one, in one pass over
-    each matrix (one large copy kernel per matrix; no intermediate stack)."""
-    d = covs[0].shape[-1]
-    a = torch.empty((len(covs), d, d), dtype=covs[0].dtype, device=covs[0].device)
-    upper = torch.ones(d, d, dtype=torch.bool, device=a.device).triu_()
-    for i, c in enumerate(covs):
-        torch.where(upper, c, c.mT, out=a[i])
-    return a
 
 
 def _check(covs, k, colsums, counts, inits, oversample, iters) -> None:
@@ -72,7 +62,8 @@ def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Seque
                       counts: Optional[Sequence[Tensor]] = None, inits: Optional[Sequence[Optional[Tensor]]] = None,
                       oversample: int = 8, iters: int = 2, seed: int = 0, orthonormalization: str = "auto",
                       max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-                      reduce: Optional[Callable[[Tensor], Tensor]] = None) -> List[EighBasis]:
+                      reduce: Optional[Callable[[Tensor], Tensor]] = None,
+                      rayleigh_ritz: str = "device") -> List[EighBasis]:
     """Top-``k`` eigenpairs of each of ``G`` symmetric PSD matrices given by their upper triangles.
 
     Args:
@@ -86,6 +77,9 @@ def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Seque
         reduce: as in :func:`eva_kernels.topk_eigh` (matrices held in parts, products summed):
             called once per iteration and chunk on the stacked products (G, d, b), so a
             distributed solve of G matrices is one all-reduce per iteration, not G.
+        rayleigh_ritz: where the small ``(b, b)`` eigenproblems are solved: ``"device"``
+            (``torch.linalg.eigh`` per chunk) or ``"host"`` (every chunk's in one transfer, in
+            float64); see :mod:`eva_kernels.ops.subspace_batch`.
 
     Returns:
         one :class:`~eva_kernels.ops.topk_eigh.EighBasis` per matrix, in order: eigenvalues (k,)
@@ -93,66 +87,37 @@ def topk_eigh_batched(covs: Sequence[Tensor], k: int, *, colsums: Optional[Seque
         (b, d) and values (b,) for the next warm start.
     """
     _check(covs, k, colsums, counts, inits, oversample, iters)
-    d, dtype, device = covs[0].shape[0], covs[0].dtype, covs[0].device
+    d, device = covs[0].shape[0], covs[0].device
     b = min(d, k + oversample)
     method = orthonormalization_for(device.type, orthonormalization)
     per = max(1, int(max_batch_bytes // max(1, d * d * covs[0].element_size())))
-    out: List[EighBasis] = []
-    for lo in range(0, len(covs), per):
-        hi = min(len(covs), lo + per)
-        out.extend(_solve_chunk(covs[lo:hi], k, b, None if colsums is None else colsums[lo:hi],
-                                None if counts is None else counts[lo:hi], None if inits is None else inits[lo:hi],
-                                iters, seed, method, d, dtype, device, reduce))
-    return out
-
-
-def _solve_chunk(covs, k, b, colsums, counts, inits, iters, seed, method, d, dtype, device,
-                 reduce=None) -> List[EighBasis]:
-    g = len(covs)
-    a = _symmetric_stack(covs)                                              # (G, d, d)
-    c = n = None
-    if colsums is not None:
-        c = torch.stack([x.to(dtype) for x in colsums])                     # (G, d)
-        n = torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(()) for x in counts]).clamp_min(1)
-
-    def operator(q: Tensor) -> Tensor:                                      # (G, d, b) -> (G, d, b)
-        y = torch.bmm(a, q)
-        if reduce is not None:  # the sum over the parts, before the (global) centring
-            y = reduce(y)
-        if c is None:
-            return y
-        ctq = torch.bmm(c.unsqueeze(1), q) / n.reshape(g, 1, 1)             # (G, 1, b)
-        return torch.baddbmm(y, c.unsqueeze(2), ctq, alpha=-1)
-
     if b == d:  # the block is the whole space: exact dense eigh of the centred matrices
-        eye = torch.eye(d, dtype=dtype, device=device).expand(g, d, d)
-        m = operator(eye.contiguous())
-        vals, vecs = torch.linalg.eigh(0.5 * (m + m.mT))
-        return _finish(vals.flip(-1), vecs.flip(-1), k)
-
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    q = torch.randn(d, b, generator=gen, device=device, dtype=dtype).expand(g, d, b).clone()
-    if inits is not None:
-        rows = [None if x is None else min(x.shape[0], b) for x in inits]
-        if all(r == b for r in rows):
-            q = torch.stack([x[:b].to(dtype) for x in inits]).mT.contiguous()
-        else:
-            for i, (x, r) in enumerate(zip(inits, rows)):
-                if x is not None:
-                    q[i, :, :r] = x[:r].to(dtype).mT
-    q = orthonormalize(q, method)
-    for it in range(max(iters, 1)):
-        y = operator(q)
-        if it + 1 < max(iters, 1):
-            q = orthonormalize(y, method)
-    t = torch.bmm(q.mT, y)
-    theta, w = torch.linalg.eigh(0.5 * (t + t.mT))
-    return _finish(theta.flip(-1), torch.bmm(q, w.flip(-1)), k)
+        out: List[EighBasis] = []
+        for lo in range(0, len(covs), per):
+            hi = min(len(covs), lo + per)
+            out.extend(_dense(covs[lo:hi], k, None if colsums is None else colsums[lo:hi],
+                              None if counts is None else counts[lo:hi], reduce))
+        return out
+    batches = [SubspaceBatch(covs[lo:lo + per], k, colsums=None if colsums is None else colsums[lo:lo + per],
+                             counts=None if counts is None else counts[lo:lo + per],
+                             inits=None if inits is None else inits[lo:lo + per], oversample=oversample,
+                             iters=iters, seed=seed, method=method, reduce=reduce)
+               for lo in range(0, len(covs), per)]
+    solve_batches(batches, rayleigh_ritz)
+    return [r for batch in batches for r in batch.results]
 
 
-def _finish(vals: Tensor, vecs: Tensor, k: int) -> List[EighBasis]:
-    """Per matrix: clamp, deterministic signs, split into the k wanted pairs and the basis."""
-    vals = vals.clamp_min(0)
-    rows = fix_signs(vecs.mT.contiguous())                                 # (G, b, d)
+def _dense(covs, k, colsums, counts, reduce) -> List[EighBasis]:
+    """Exact eigenpairs when the block is the whole space (``b == d``): one batched ``eigh``."""
+    a = symmetric_stack(covs)
+    dtype, device = a.dtype, a.device
+    if reduce is not None:
+        a = reduce(a)
+    if colsums is not None:
+        c = torch.stack([x.to(dtype) for x in colsums])
+        n = torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(()) for x in counts]).clamp_min(1)
+        a = a - c.unsqueeze(2) * c.unsqueeze(1) / n.reshape(-1, 1, 1)
+    vals, vecs = torch.linalg.eigh(0.5 * (a + a.mT))
+    vals, vecs = vals.flip(-1).clamp_min(0), vecs.flip(-1)
+    rows = fix_signs(vecs.mT.contiguous())
     return [EighBasis(vals[i, :k], rows[i, :k], rows[i], vals[i]) for i in range(vals.shape[0])]

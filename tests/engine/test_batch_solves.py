@@ -27,23 +27,28 @@ def _run(model, batches, **kw):
 
 
 class _Calls:
-    """Counts calls of eva_kernels.topk_eigh / topk_eigh_batched made by the engine's solver."""
+    """Counts the engine solver's calls: ``topk_eigh`` (per group), ``solve_batches`` (batched,
+    every width at once) and the sizes of the ``SubspaceBatch`` chunks they run."""
 
     def __init__(self, monkeypatch):
         self.single, self.batched, self.batch_sizes = 0, 0, []
-        real_single, real_batched = eva_kernels.topk_eigh, eva_kernels.topk_eigh_batched
+        real_single, real_solve, real_batch = eva_kernels.topk_eigh, eva_kernels.solve_batches, eva_kernels.SubspaceBatch
 
         def single(*a, **k):
             self.single += 1
             return real_single(*a, **k)
 
-        def batched(covs, *a, **k):
+        def solve(batches, *a, **k):
             self.batched += 1
+            return real_solve(batches, *a, **k)
+
+        def batch(covs, *a, **k):
             self.batch_sizes.append(len(covs))
-            return real_batched(covs, *a, **k)
+            return real_batch(covs, *a, **k)
 
         monkeypatch.setattr(eva_kernels, "topk_eigh", single)
-        monkeypatch.setattr(eva_kernels, "topk_eigh_batched", batched)
+        monkeypatch.setattr(eva_kernels, "solve_batches", solve)
+        monkeypatch.setattr(eva_kernels, "SubspaceBatch", batch)
 
 
 @pytest.mark.filterwarnings("ignore:EVA stopped")
@@ -69,8 +74,9 @@ def test_batched_equals_per_group_solves():
 @pytest.mark.filterwarnings("ignore:EVA stopped")
 def test_solver_calls_per_step_do_not_grow_with_layers(monkeypatch):
     """A Llama block has 4 groups of 2 widths here (q/k/v, o_proj and gate/up read width 40 =
-    hidden = heads x head_dim; down_proj d_ff = 72): every step makes one batched call per
-    (width, rank), whether the model has 2 or 4 layers, and no per-group streaming solve."""
+    hidden = heads x head_dim; down_proj d_ff = 72): every step makes one batched call for every
+    width together, whether the model has 2 or 4 layers, and no per-group solve (the final
+    polish included)."""
     per_step = {}
     for layers in (2, 4):
         model = tiny_llama_model(layers=layers, hidden=40, intermediate=72)
@@ -79,11 +85,10 @@ def test_solver_calls_per_step_do_not_grow_with_layers(monkeypatch):
         sd = eva.get_eva_state_dict(model, batches, _cfg(tau=1.0), show_progress_bar=False, backend="torch",
                                     batch_solves=True)
         steps = sd.metadata["run"]["steps"]
-        per_step[layers] = calls.batched / steps
-        # the final polish is per group (once per run); streaming solves are all batched
-        assert calls.single == len(sd.metadata["groups"]), calls.single
+        per_step[layers] = (calls.batched - 1) / steps  # one call is the final polish
+        assert calls.single == 0, calls.single
         assert sorted(set(calls.batch_sizes)) == [layers, 3 * layers]
-    assert per_step[2] == per_step[4], per_step
+    assert per_step[2] == per_step[4] == 1, per_step
 
 
 def test_option_is_validated():

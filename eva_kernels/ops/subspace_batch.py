@@ -1,0 +1,260 @@
+"""Subspace iteration on many matrices at once, with every Rayleigh-Ritz of a round in one place.
+
+:class:`SubspaceBatch` holds ``G`` matrices of one size (their symmetric copies stacked) and
+iterates them together; :func:`solve_batches` drives several batches (several widths) in
+rounds, and gathers the small eigenproblems of a round so that they cost at most one host
+synchronisation for all of them:
+
+* ``rayleigh_ritz="device"``: ``torch.linalg.eigh`` of each batch's ``(G, b, b)`` projected
+  matrices on the matrices' device, residuals on the device, and (polish only) every batch's
+  verdicts read in one transfer per round. On CUDA, ``eigh`` itself synchronises, and beyond
+  ``b = 32`` loops matrix by matrix (cuSOLVER's batched Jacobi stops at 32).
+* ``rayleigh_ritz="host"``: the projected matrices ``T = Q^T A Q`` (and, when polishing, the Gram
+  matrices ``Y^T Y`` of ``Y = A Q``) of every batch, in float64, go to the host in one transfer;
+  the eigenproblems and the residual test are solved there (``||A v - theta v||^2 = w^T (Y^T Y)
+  w - theta^2`` for a Ritz pair ``(theta, v = Q w)``, exact in float64 to ~1e-8 theta), and the
+  Ritz vectors' coefficients come back. One host synchronisation per round, at any ``b``.
+
+Per matrix the algorithm is :func:`eva_kernels.topk_eigh`'s: warm start, ``iters`` products with
+an orthonormalisation between them, Rayleigh-Ritz; with ``tol``, further rounds (one product,
+Rayleigh-Ritz, residual test ``||A v - theta v|| <= tol * theta_1`` for every wanted pair) until
+the test passes or ``max_iters`` products were made. Finished matrices leave their batch (it is
+compacted once per round in which some finish).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..linalg import orthonormalize
+from ..subspace import fix_signs
+from .topk_eigh import EighBasis
+
+RAYLEIGH_RITZ = ("device", "host")
+
+_host = threading.local()
+
+
+@contextlib.contextmanager
+def on_host():
+    """Marks computation on host copies (not device work): :class:`eva_kernels.launches.LaunchCounter`
+    counts no launch or sync inside."""
+    before = getattr(_host, "active", False)
+    _host.active = True
+    try:
+        yield
+    finally:
+        _host.active = before
+
+
+def computing_on_host() -> bool:
+    """Whether the caller is inside :func:`on_host`."""
+    return getattr(_host, "active", False)
+
+
+def symmetric_stack(covs: Sequence[Tensor]) -> Tensor:
+    """(G, d, d): each matrix's upper triangle mirrored into its lower one, in one pass over
+    each matrix (one large copy kernel per matrix; no intermediate stack)."""
+    d = covs[0].shape[-1]
+    a = torch.empty((len(covs), d, d), dtype=covs[0].dtype, device=covs[0].device)
+    upper = torch.ones(d, d, dtype=torch.bool, device=a.device).triu_()
+    for i, c in enumerate(covs):
+        torch.where(upper, c, c.mT, out=a[i])
+    return a
+
+
+class SubspaceBatch:
+    """``G`` matrices of one size iterated together (see the module docstring).
+
+    Args:
+        covs: ``G`` (d, d) upper triangles, one dtype and device (checked by the callers).
+        k: wanted eigenpairs per matrix; block ``b = min(d, k + oversample)``.
+        colsums, counts: optional centring per matrix: ``sym(cov) - c c^T / n``.
+        inits: per matrix ``None`` or (m, d) rows of a previous estimate (warm start).
+        iters: products before the first Rayleigh-Ritz.
+        seed: seed of the Gaussian columns (the same columns for every matrix).
+        method: the orthonormalisation, resolved (``householder`` / ``cholesky_qr3``).
+        tol, max_iters: with ``tol``, polish to the residual tolerance, at most ``max_iters``
+            products; without, stop after ``iters``.
+        reduce: sum of the products over the parts of a distributed matrix.
+    """
+
+    def __init__(self, covs: Sequence[Tensor], k: int, *, colsums=None, counts=None, inits=None,
+                 oversample: int = 8, iters: int = 2, seed: int = 0, method: str = "householder",
+                 tol: Optional[float] = None, max_iters: int = 64,
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None):
+        d, dtype, device = covs[0].shape[0], covs[0].dtype, covs[0].device
+        self.k, self.b, self.method, self.reduce, self.tol = k, min(d, k + oversample), method, reduce, tol
+        self.iters = max(int(iters), 1)
+        self.max_iters = max(int(max_iters), self.iters) if tol is not None else self.iters
+        self.products = 0
+        self.index = list(range(len(covs)))       # the matrices still running, as positions in covs
+        self.results: List[Optional[EighBasis]] = [None] * len(covs)
+        self.a = symmetric_stack(covs)            # (G, d, d)
+        self.c = self.n = None
+        if colsums is not None:
+            self.c = torch.stack([x.to(dtype) for x in colsums])
+            self.n = torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(())
+                                  for x in counts]).clamp_min(1)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+        g = len(covs)
+        q = torch.randn(d, self.b, generator=gen, device=device, dtype=dtype).expand(g, d, self.b).clone()
+        if inits is not None:
+            rows = [None if x is None else min(x.shape[0], self.b) for x in inits]
+            if all(r == self.b for r in rows):
+                q = torch.stack([x[:self.b].to(dtype) for x in inits]).mT.contiguous()
+            else:
+                for i, (x, r) in enumerate(zip(inits, rows)):
+                    if x is not None:
+                        q[i, :, :r] = x[:r].to(dtype).mT
+        self.q = orthonormalize(q, method)
+        self.y: Optional[Tensor] = None
+
+    @property
+    def running(self) -> int:
+        """Matrices not finished yet."""
+        return len(self.index)
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def _product(self, q: Tensor) -> Tensor:
+        """``A Q`` for every running matrix (centred; summed over parts with ``reduce``)."""
+        y = torch.bmm(self.a, q)
+        if self.reduce is not None:
+            y = self.reduce(y)
+        if self.c is None:
+            return y
+        ctq = torch.bmm(self.c.unsqueeze(1), q) / self.n.reshape(-1, 1, 1)
+        return torch.baddbmm(y, self.c.unsqueeze(2), ctq, alpha=-1)
+
+    def advance(self) -> bool:
+        """One product ``Y = A Q``; True when a Rayleigh-Ritz is due now (else ``Q <- orth(Y)``)."""
+        self.y = self._product(self.q)
+        self.products += 1
+        if self.products < self.iters:
+            self.q = orthonormalize(self.y, self.method)
+            return False
+        return True
+
+    def projected(self, dtype: torch.dtype) -> Tensor:
+        """(running, b, b) ``sym(Q^T Y)`` in ``dtype``."""
+        q, y = (self.q, self.y) if dtype == self.q.dtype else (self.q.to(dtype), self.y.to(dtype))
+        t = torch.bmm(q.mT, y)
+        return 0.5 * (t + t.mT)
+
+    def gram(self) -> Tensor:
+        """(running, b, b) ``Y^T Y`` in float64 (the residuals' host form)."""
+        y = self.y.to(torch.float64)
+        return torch.bmm(y.mT, y)
+
+    def passed_on_device(self, theta: Tensor, w: Tensor) -> Tensor:
+        """(running,) bool: every wanted Ritz pair's residual within ``tol * theta_1`` (device)."""
+        wk = w[:, :, :self.k]
+        resid = torch.bmm(self.y, wk) - torch.bmm(self.q, wk) * theta[:, None, :self.k]
+        scale = theta[:, :1].abs().clamp_min(torch.finfo(theta.dtype).tiny)
+        return (resid.norm(dim=1) <= self.tol * scale).all(dim=1)
+
+    def finish(self, theta: Tensor, w: Tensor, passed: Optional[Sequence[bool]]) -> None:
+        """Apply a Rayleigh-Ritz (``theta`` (running, b) descending, ``w`` (running, b, b) in its
+        order, on this batch's device and dtype): the matrices that passed (all of them without
+        ``tol``, or at the cap) finish; the others continue from ``orth(Y)``."""
+        at_cap = self.tol is None or self.products >= self.max_iters
+        done = [True] * self.running if at_cap or passed is None else [bool(p) for p in passed]
+        if any(done):
+            vals = theta.clamp_min(0)
+            rows = fix_signs(torch.bmm(self.q, w).mT.contiguous())
+            for j, finished in enumerate(done):
+                if finished:
+                    self.results[self.index[j]] = EighBasis(vals[j, :self.k], rows[j, :self.k], rows[j], vals[j])
+        keep = [j for j, finished in enumerate(done) if not finished]
+        if not keep:
+            self.index, self.a, self.q, self.y, self.c, self.n = [], None, None, None, None, None
+            return
+        y = self.y
+        if len(keep) < len(done):  # compact once per round in which some finish
+            sel = torch.tensor(keep, device=y.device)
+            self.a, y = self.a.index_select(0, sel), y.index_select(0, sel)
+            if self.c is not None:
+                self.c, self.n = self.c.index_select(0, sel), self.n.index_select(0, sel)
+            self.index = [self.index[j] for j in keep]
+        self.q = orthonormalize(y, self.method)
+
+
+def _ritz_on_device(due: List[SubspaceBatch]) -> None:
+    """``eigh`` per batch on its device; the polishing batches' verdicts in one transfer per device."""
+    solved, flags = [], []
+    for b in due:
+        theta, w = torch.linalg.eigh(b.projected(b.q.dtype))
+        theta, w = theta.flip(-1), w.flip(-1)
+        solved.append((b, theta, w))
+        if b.tol is not None and b.products < b.max_iters:
+            flags.append((b, b.passed_on_device(theta, w)))
+    verdicts = {}
+    by_device = {}
+    for b, f in flags:
+        by_device.setdefault(f.device, []).append((b, f))
+    for pairs in by_device.values():
+        host = torch.cat([f for _, f in pairs]).to("cpu", copy=True).tolist()  # the round's transfer
+        pos = 0
+        for b, f in pairs:
+            verdicts[id(b)] = host[pos:pos + f.numel()]
+            pos += f.numel()
+    for b, theta, w in solved:
+        b.finish(theta, w, verdicts.get(id(b)))
+
+
+def _ritz_on_host(due: List[SubspaceBatch]) -> None:
+    """Every batch's small matrices to the host in one transfer per device, solved there."""
+    by_device = {}
+    for b in due:
+        by_device.setdefault(b.device, []).append(b)
+    for batches in by_device.values():
+        parts = []
+        for b in batches:
+            parts.append(b.projected(torch.float64).reshape(-1))
+            if b.tol is not None:
+                parts.append(b.gram().reshape(-1))
+        flat = torch.cat(parts).to("cpu", copy=True)  # the round's one synchronisation
+        pos, answers = 0, []
+        with on_host():
+            for b in batches:
+                shape, n = (b.running, b.b, b.b), b.running * b.b * b.b
+                t = flat[pos:pos + n].reshape(shape)
+                pos += n
+                theta, w = torch.linalg.eigh(t)
+                theta, w = theta.flip(-1), w.flip(-1)
+                passed = None
+                if b.tol is not None:
+                    gram = flat[pos:pos + n].reshape(shape)
+                    pos += n
+                    wk = w[:, :, :b.k]
+                    resid2 = (wk * torch.bmm(gram, wk)).sum(dim=1) - theta[:, :b.k] ** 2
+                    scale = theta[:, :1].abs().clamp_min(torch.finfo(theta.dtype).tiny)
+                    passed = (resid2.clamp_min(0).sqrt() <= b.tol * scale).all(dim=1).tolist()
+                answers.append((b, theta.to(b.q.dtype), w.to(b.q.dtype), passed))
+        for b, theta, w, passed in answers:  # host to device: a copy each on a GPU, nothing on a CPU
+            b.finish(theta.to(b.device), w.to(b.device), passed)
+
+
+def solve_batches(batches: Sequence[SubspaceBatch], rayleigh_ritz: str = "device") -> int:
+    """Run every batch to completion in rounds (one product per running matrix each); the
+    Rayleigh-Ritz of a round is solved for all batches together (module docstring). Returns the
+    number of rounds."""
+    if rayleigh_ritz not in RAYLEIGH_RITZ:
+        raise ValueError(f"rayleigh_ritz must be one of {RAYLEIGH_RITZ}, got {rayleigh_ritz!r}")
+    rounds = 0
+    while True:
+        live = [b for b in batches if b.running]
+        if not live:
+            return rounds
+        due = [b for b in live if b.advance()]
+        rounds += 1
+        if due:
+            (_ritz_on_host if rayleigh_ritz == "host" else _ritz_on_device)(due)
