@@ -12,7 +12,8 @@ Steps, each with its own time limit (and never beyond what is left of the budget
    d = 1024, 4096, 14336 and n = 512, 8192, bf16 and fp32, without and with the engine's shift
    (16-bit: the bf16-split tensor-core path), with the bf16 GEMM peak measured in the same run.
 3. ``bench_topk_eigh``: the eigensolver's products and orthonormalisation per backend; then
-   ``bench_small_eigh``: B x (b, b) eigh on the device vs the host route (``rayleigh_ritz``).
+   ``bench_small_eigh``: B x (b, b) eigh on the device vs the host route (``rayleigh_ritz``);
+   ``bench_polish``: the final polish per Krylov depth (which depth ``"auto"`` should pick on GPUs).
 4. ``bench_engine_gpu``: EVA against the forward passes alone (and PEFT's EVA) on a random-weight
    Llama, with batched and with per-group solves.
 
@@ -54,6 +55,9 @@ def steps(dry_run: bool) -> List[Step]:
                                   *sizes, *dry], 160, False),
         Step("bench_topk_eigh", [py, "-m", "benches.ops.bench_topk_eigh", *dry], 50, False),
         Step("bench_small_eigh", [py, "-m", "benches.ops.bench_small_eigh", *dry], 30, False),
+        Step("bench_polish", [py, "-m", "benches.ops.bench_polish", *(["--dry-run"] if dry else
+                              ["--device", "cuda", "--d", "4096,14336", "--batched", "8", "--spectra", "flat,decaying"])],
+             60, False),
         # H200, 2026-11-26: the tests took 80 s, bench_cov_update 58 s, bench_topk_eigh 19 s; two engine
         # configurations 44 s, and all six plus PEFT did not fit 130 s: two backends and capped PEFT steps.
         Step("bench_engine_gpu", [py, "-m", "benches.engine.bench_engine_gpu", "--model", "small", "--with-peft",

@@ -9,6 +9,7 @@
   synchronisation per round), streaming (``iters``) or polishing to a tolerance (``tol``).
 * :func:`available_backends`, :func:`resolve_backend` — which of ``torch`` / ``triton`` /
   ``cpp`` can run an op here, and which one a call will use (:class:`Backend`).
+* :mod:`eva_kernels.block_krylov` — the restarted block Krylov cycles of a polish (``tol``).
 * :mod:`eva_kernels.linalg` — orthonormalisation and dense helpers shared by every backend.
 * :mod:`eva_kernels.testing` — the float64 specifications.
 
@@ -23,6 +24,7 @@ from .ops.cov_update import cov_update, symmetrize_
 from .ops.topk_eigh import EighBasis, EighResult, topk_eigh
 from .ops.topk_eigh_batched import topk_eigh_batched
 from .ops.subspace_batch import RAYLEIGH_RITZ, SubspaceBatch, solve_batches
+from .block_krylov import krylov_depth_for
 from .linalg import ORTHONORMALIZATIONS, orthonormalization_for, orthonormalize
 from .subspace import component_cosines, fix_signs, subspace_overlap
 from . import backends  # noqa: F401  (registers torch, and triton / cpp when importable)
@@ -31,5 +33,5 @@ __all__ = [
     "cov_update", "topk_eigh", "topk_eigh_batched", "SubspaceBatch", "solve_batches", "RAYLEIGH_RITZ", "available_backends", "resolve_backend", "get_backend", "register_backend", "Backend",
     "EigenProducts", "BackendUnavailableError", "BACKEND_NAMES", "symmetrize_", "component_cosines",
     "subspace_overlap", "fix_signs", "orthonormalize", "orthonormalization_for", "ORTHONORMALIZATIONS",
-    "EighResult", "EighBasis", "__version__",
+    "EighResult", "EighBasis", "krylov_depth_for", "__version__",
 ]

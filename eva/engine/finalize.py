@@ -123,6 +123,7 @@ def _run_info(state: RunState) -> dict:
         "solve_seconds": state.solve_seconds,
         "polish_seconds": state.polish_seconds,
         "polish_rounds": state.polish_rounds,
+        "polish_krylov_depth": state.polish_krylov_depth,
         "cadence": state.cadence.describe() if state.cadence is not None else None,
         "peak_statistics_bytes": state.peak_stat_bytes,
         "mode": state.mode,

@@ -299,6 +299,7 @@ class Engine:
         if self.solver is None and state.stats_device() is not None:  # fewer batches than check_every
             self.solver = self._make_solver()
         state.backends = self._backends_used()
+        state.polish_krylov_depth = self.solver.krylov_depth if self.solver is not None else None
         return build_result(state, self.settings, self.solver, self.device, self.observer)
 
     def _backends_used(self) -> dict:

@@ -411,6 +411,7 @@ class LayerSequentialEngine(Engine):
         state.step = self.taken
         state.stop_reason = next((r for r in reasons if r != "converged"), "converged")
         state.backends = self._backends_used()
+        state.polish_krylov_depth = self.solver.krylov_depth if self.solver is not None else None
         return build_result(state, self.settings, self.solver, self.device, self.observer)
 
     def _all_at_once(self, total_len: Optional[int]) -> EvaStateDict:

@@ -57,7 +57,7 @@ class Solver:
     """Runs the solves of one run with the options and the backend resolved for it.
 
     Args:
-        opts: the engine options (oversample, iters, seed, final_tol, final_max_iters).
+        opts: the engine options (oversample, iters, seed, final_tol, final_max_iters, final_krylov_depth).
         backend: the resolved :class:`eva_kernels.Backend` of ``topk_eigh``.
         orthonormalization: the algorithm between products (``eva_kernels.ORTHONORMALIZATIONS``).
         traffic: in a distributed run, the rank's :class:`eva.distributed.Traffic`: the solves
@@ -78,6 +78,8 @@ class Solver:
         self.rayleigh_ritz = rayleigh_ritz_for(opts.rayleigh_ritz, device_type)
         #: most rounds of a batched polish (each: one product per running matrix)
         self.polish_rounds = 0
+        #: products per cycle of the polish (EvaOptions.final_krylov_depth resolved for the device)
+        self.krylov_depth = eva_kernels.krylov_depth_for(device_type, opts.final_krylov_depth)
 
     def solve_all(self, groups: List[GroupState], step: int) -> None:
         """Streaming solves of ``groups`` at ``step``: batched (every width together, one
@@ -126,7 +128,7 @@ class Solver:
                     inits=[g.estimate.basis for g in members[part]], oversample=opts.oversample,
                     iters=1 if final else opts.iters, seed=opts.seed if final else opts.seed + step,
                     method=self.orthonormalization, tol=opts.final_tol if final else None,
-                    max_iters=opts.final_max_iters, reduce=reduce)
+                    max_iters=opts.final_max_iters, reduce=reduce, krylov_depth=self.krylov_depth)
                 plans.append((members[part], batch, diag[part], colsum[part], count[part]))
         try:
             rounds = eva_kernels.solve_batches([p[1] for p in plans], self.rayleigh_ritz)
@@ -208,7 +210,7 @@ class Solver:
                       backend=self.backend, orthonormalization=self.orthonormalization, reduce=reduce)
         if final:  # polish to a residual tolerance, warm-started from the streaming basis
             res = eva_kernels.topk_eigh(cov, group.max_components, iters=1, seed=opts.seed, tol=opts.final_tol,
-                                        max_iters=opts.final_max_iters, **common)
+                                        max_iters=opts.final_max_iters, krylov_depth=self.krylov_depth, **common)
         else:
             res = eva_kernels.topk_eigh(cov, group.max_components, iters=opts.iters, seed=opts.seed + step, **common)
         pending = {

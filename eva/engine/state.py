@@ -112,6 +112,7 @@ class RunState:
     solve_seconds: float = 0.0            # streaming solves, syncs and variance floor
     polish_seconds: float = 0.0
     polish_rounds: int = 0                # most rounds of a batched polish (0: per-group polish)
+    polish_krylov_depth: Optional[int] = None  # products per polish cycle (before the cap by width)
     cadence: Any = None                   # the run's eva.engine.cadence.SolveCadence (set by the engine)
     stat_bytes: int = 0                   # bytes of the live statistics (all groups, all devices)
     peak_stat_bytes: int = 0              # their peak over the run

@@ -9,27 +9,32 @@ synchronisation for all of them:
   matrices on the matrices' device, residuals on the device, and (polish only) every batch's
   verdicts read in one transfer per round. On CUDA, ``eigh`` itself synchronises, and beyond
   ``b = 32`` loops matrix by matrix (cuSOLVER's batched Jacobi stops at 32).
-* ``rayleigh_ritz="host"``: the projected matrices ``T = Q^T A Q`` (and, when polishing, the Gram
-  matrices ``Y^T Y`` of ``Y = A Q``) of every batch, in float64, go to the host in one transfer;
-  the eigenproblems and the residual test are solved there (``||A v - theta v||^2 = w^T (Y^T Y)
-  w - theta^2`` for a Ritz pair ``(theta, v = Q w)``, exact in float64 to ~1e-8 theta), and the
-  Ritz vectors' coefficients come back. One host synchronisation per round, at any ``b``.
+* ``rayleigh_ritz="host"``: the projected matrices ``T = K^T A K`` (and, when polishing, ``G =
+  (AK)^T AK`` and ``M = K^T K``) of every batch, in float64, go to the host in one transfer;
+  the eigenproblems and the residual test are solved there
+  (:func:`eva_kernels.block_krylov.residual_norms`, exact for the stored vectors), and the Ritz
+  vectors' coefficients come back. One host synchronisation per round, at any ``b``.
 
 Per matrix the algorithm is :func:`eva_kernels.topk_eigh`'s: warm start, ``iters`` products with
-an orthonormalisation between them, Rayleigh-Ritz; with ``tol``, further rounds (one product,
-Rayleigh-Ritz, residual test ``||A v - theta v|| <= tol * theta_1`` for every wanted pair) until
-the test passes or ``max_iters`` products were made. Finished matrices leave their batch (it is
-compacted once per round in which some finish).
+an orthonormalisation between them, Rayleigh-Ritz; with ``tol``, further cycles of
+``krylov_depth`` products building a block Krylov basis ``K`` (:mod:`eva_kernels.block_krylov`),
+each ended by a Rayleigh-Ritz on ``K`` and the residual test ``||A v - theta v|| <= tol *
+theta_1`` for every wanted pair, until the test passes or ``max_iters`` products were made.
+A round is one product per running matrix; a batch's Rayleigh-Ritz is due at 1, 2 and every 4
+products of a cycle and at its end. Finished matrices leave their batch (it is compacted once
+per round in which some finish).
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .. import block_krylov
+from ..block_krylov import extend_basis, is_checkpoint, krylov_depth_for, usable_depth
 from ..linalg import orthonormalize
 from ..subspace import fix_signs
 from .topk_eigh import EighBasis
@@ -81,16 +86,18 @@ class SubspaceBatch:
         tol, max_iters: with ``tol``, polish to the residual tolerance, at most ``max_iters``
             products; without, stop after ``iters``.
         reduce: sum of the products over the parts of a distributed matrix.
+        krylov_depth: products per polishing cycle (:func:`eva_kernels.topk_eigh`'s argument).
     """
 
     def __init__(self, covs: Sequence[Tensor], k: int, *, colsums=None, counts=None, inits=None,
                  oversample: int = 8, iters: int = 2, seed: int = 0, method: str = "householder",
                  tol: Optional[float] = None, max_iters: int = 64,
-                 reduce: Optional[Callable[[Tensor], Tensor]] = None):
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None, krylov_depth: Union[int, str] = "auto"):
         d, dtype, device = covs[0].shape[0], covs[0].dtype, covs[0].device
         self.k, self.b, self.method, self.reduce, self.tol = k, min(d, k + oversample), method, reduce, tol
         self.iters = max(int(iters), 1)
         self.max_iters = max(int(max_iters), self.iters) if tol is not None else self.iters
+        self.depth = 1 if tol is None else usable_depth(d, self.b, krylov_depth_for(device.type, krylov_depth))
         self.products = 0
         self.index = list(range(len(covs)))       # the matrices still running, as positions in covs
         self.results: List[Optional[EighBasis]] = [None] * len(covs)
@@ -112,8 +119,8 @@ class SubspaceBatch:
                 for i, (x, r) in enumerate(zip(inits, rows)):
                     if x is not None:
                         q[i, :, :r] = x[:r].to(dtype).mT
-        self.q = orthonormalize(q, method)
-        self.y: Optional[Tensor] = None
+        self.blocks: List[Tensor] = [orthonormalize(q, method)]  # this cycle's basis K, block by block
+        self.images: List[Tensor] = []                               # AK, block by block
 
     @property
     def running(self) -> int:
@@ -122,7 +129,11 @@ class SubspaceBatch:
 
     @property
     def device(self) -> torch.device:
-        return self.q.device
+        return self.blocks[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
 
     def _product(self, q: Tensor) -> Tensor:
         """``A Q`` for every running matrix (centred; summed over parts with ``reduce``)."""
@@ -135,67 +146,93 @@ class SubspaceBatch:
         return torch.baddbmm(y, self.c.unsqueeze(2), ctq, alpha=-1)
 
     def advance(self) -> bool:
-        """One product ``Y = A Q``; True when a Rayleigh-Ritz is due now (else ``Q <- orth(Y)``)."""
-        self.y = self._product(self.q)
+        """One product ``Y = A Q`` of the newest block; True when a Rayleigh-Ritz is due now.
+
+        Up to the ``iters``-th product: plain subspace iteration (``Q <- orth(Y)``). From there
+        (polish) ``Y`` joins the cycle's Krylov basis; a Rayleigh-Ritz is due at 1, 2 and every 4
+        blocks and at ``depth`` (:func:`eva_kernels.block_krylov.is_checkpoint`)."""
+        y = self._product(self.blocks[-1])
         self.products += 1
         if self.products < self.iters:
-            self.q = orthonormalize(self.y, self.method)
+            self.blocks = [orthonormalize(y, self.method)]
+            return False
+        self.images.append(y)
+        if self.products < self.max_iters and not is_checkpoint(len(self.images), self.depth):
+            self.blocks.append(extend_basis(torch.cat(self.blocks, -1), y, self.method))
             return False
         return True
 
+    def basis(self) -> Tuple[Tensor, Tensor]:
+        """(running, d, n) ``K`` and ``AK`` of this cycle (``n`` = blocks x ``b``)."""
+        if len(self.blocks) == 1:
+            return self.blocks[0], self.images[0]
+        return torch.cat(self.blocks, -1), torch.cat(self.images, -1)
+
     def projected(self, dtype: torch.dtype) -> Tensor:
-        """(running, b, b) ``sym(Q^T Y)`` in ``dtype``."""
-        q, y = (self.q, self.y) if dtype == self.q.dtype else (self.q.to(dtype), self.y.to(dtype))
+        """(running, n, n) ``sym(K^T AK)`` in ``dtype``."""
+        q, y = self.basis()
+        if dtype != q.dtype:
+            q, y = q.to(dtype), y.to(dtype)
         t = torch.bmm(q.mT, y)
         return 0.5 * (t + t.mT)
 
-    def gram(self) -> Tensor:
-        """(running, b, b) ``Y^T Y`` in float64 (the residuals' host form)."""
-        y = self.y.to(torch.float64)
-        return torch.bmm(y.mT, y)
+    def testing(self) -> bool:
+        """Whether this round's Rayleigh-Ritz has a residual test (polishing, below the cap)."""
+        return self.tol is not None and self.products < self.max_iters
 
-    def passed_on_device(self, theta: Tensor, w: Tensor) -> Tensor:
-        """(running,) bool: every wanted Ritz pair's residual within ``tol * theta_1`` (device)."""
+    def ratios_on_device(self, theta: Tensor, w: Tensor) -> Tensor:
+        """(running,) each matrix's worst wanted residual over ``tol * theta_1`` (on the device;
+        the test passes at <= 1)."""
+        q, y = self.basis()
         wk = w[:, :, :self.k]
-        resid = torch.bmm(self.y, wk) - torch.bmm(self.q, wk) * theta[:, None, :self.k]
-        scale = theta[:, :1].abs().clamp_min(torch.finfo(theta.dtype).tiny)
-        return (resid.norm(dim=1) <= self.tol * scale).all(dim=1)
+        resid = torch.bmm(y, wk) - torch.bmm(q, wk) * theta[:, None, :self.k]
+        return block_krylov.tolerance_ratio(resid.norm(dim=1), theta, self.tol)
 
-    def finish(self, theta: Tensor, w: Tensor, passed: Optional[Sequence[bool]]) -> None:
-        """Apply a Rayleigh-Ritz (``theta`` (running, b) descending, ``w`` (running, b, b) in its
-        order, on this batch's device and dtype): the matrices that passed (all of them without
-        ``tol``, or at the cap) finish; the others continue from ``orth(Y)``."""
+    def finish(self, theta: Tensor, w: Tensor, ratios: Optional[Sequence[float]]) -> None:
+        """Apply a Rayleigh-Ritz (``theta`` (running, n) descending, ``w`` (running, n, n) in its
+        order, on this batch's device and dtype; ``ratios`` the residual test's, see
+        :meth:`ratios_on_device`): the matrices that passed (all of them without ``tol``, or at
+        the cap) finish; the others extend the same basis (a checkpoint inside the cycle) or
+        start a new cycle, from ``orth(Y)`` (depth 1) or from their top ``b`` Ritz vectors."""
         at_cap = self.tol is None or self.products >= self.max_iters
-        done = [True] * self.running if at_cap or passed is None else [bool(p) for p in passed]
+        done = [True] * self.running if at_cap or ratios is None else [float(r) <= 1.0 for r in ratios]
+        q, y = self.basis()
+        ritz = torch.bmm(q, w[:, :, :self.b])
         if any(done):
-            vals = theta.clamp_min(0)
-            rows = fix_signs(torch.bmm(self.q, w).mT.contiguous())
+            vals = theta[:, :self.b].clamp_min(0)
+            rows = fix_signs(ritz.mT.contiguous())
             for j, finished in enumerate(done):
                 if finished:
                     self.results[self.index[j]] = EighBasis(vals[j, :self.k], rows[j, :self.k], rows[j], vals[j])
         keep = [j for j, finished in enumerate(done) if not finished]
         if not keep:
-            self.index, self.a, self.q, self.y, self.c, self.n = [], None, None, None, None, None
+            self.index, self.a, self.blocks, self.images, self.c, self.n = [], None, [], [], None, None
             return
-        y = self.y
+        grow = len(self.images) < self.depth  # a checkpoint inside the cycle: the same basis grows
+        start = q if grow else (y if self.depth == 1 else ritz)
         if len(keep) < len(done):  # compact once per round in which some finish
-            sel = torch.tensor(keep, device=y.device)
-            self.a, y = self.a.index_select(0, sel), y.index_select(0, sel)
+            sel = torch.tensor(keep, device=start.device)
+            self.a, start = self.a.index_select(0, sel), start.index_select(0, sel)
+            if grow:
+                self.images = [im.index_select(0, sel) for im in self.images]
             if self.c is not None:
                 self.c, self.n = self.c.index_select(0, sel), self.n.index_select(0, sel)
             self.index = [self.index[j] for j in keep]
-        self.q = orthonormalize(y, self.method)
+        if grow:
+            self.blocks = list(start.split(self.b, dim=-1)) + [extend_basis(start, self.images[-1], self.method)]
+        else:
+            self.blocks, self.images = [orthonormalize(start, self.method)], []
 
 
 def _ritz_on_device(due: List[SubspaceBatch]) -> None:
     """``eigh`` per batch on its device; the polishing batches' verdicts in one transfer per device."""
     solved, flags = [], []
     for b in due:
-        theta, w = torch.linalg.eigh(b.projected(b.q.dtype))
+        theta, w = torch.linalg.eigh(b.projected(b.dtype))
         theta, w = theta.flip(-1), w.flip(-1)
         solved.append((b, theta, w))
-        if b.tol is not None and b.products < b.max_iters:
-            flags.append((b, b.passed_on_device(theta, w)))
+        if b.testing():
+            flags.append((b, b.ratios_on_device(theta, w)))
     verdicts = {}
     by_device = {}
     for b, f in flags:
@@ -218,29 +255,29 @@ def _ritz_on_host(due: List[SubspaceBatch]) -> None:
     for batches in by_device.values():
         parts = []
         for b in batches:
-            parts.append(b.projected(torch.float64).reshape(-1))
-            if b.tol is not None:
-                parts.append(b.gram().reshape(-1))
+            if b.testing():
+                parts.extend(m.reshape(-1) for m in block_krylov.ritz_terms(*b.basis()))
+            else:
+                parts.append(b.projected(torch.float64).reshape(-1))
         flat = torch.cat(parts).to("cpu", copy=True)  # the round's one synchronisation
         pos, answers = 0, []
         with on_host():
             for b in batches:
-                shape, n = (b.running, b.b, b.b), b.running * b.b * b.b
-                t = flat[pos:pos + n].reshape(shape)
-                pos += n
-                theta, w = torch.linalg.eigh(t)
+                n = b.blocks[0].shape[-1] * len(b.blocks)
+                size = b.running * n * n
+                terms = []
+                for _ in range(3 if b.testing() else 1):
+                    terms.append(flat[pos:pos + size].reshape(b.running, n, n))
+                    pos += size
+                theta, w = torch.linalg.eigh(terms[0])
                 theta, w = theta.flip(-1), w.flip(-1)
-                passed = None
-                if b.tol is not None:
-                    gram = flat[pos:pos + n].reshape(shape)
-                    pos += n
-                    wk = w[:, :, :b.k]
-                    resid2 = (wk * torch.bmm(gram, wk)).sum(dim=1) - theta[:, :b.k] ** 2
-                    scale = theta[:, :1].abs().clamp_min(torch.finfo(theta.dtype).tiny)
-                    passed = (resid2.clamp_min(0).sqrt() <= b.tol * scale).all(dim=1).tolist()
-                answers.append((b, theta.to(b.q.dtype), w.to(b.q.dtype), passed))
-        for b, theta, w, passed in answers:  # host to device: a copy each on a GPU, nothing on a CPU
-            b.finish(theta.to(b.device), w.to(b.device), passed)
+                ratios = None
+                if b.testing():
+                    resid = block_krylov.residual_norms(theta, w, *terms, b.k)
+                    ratios = block_krylov.tolerance_ratio(resid, theta, b.tol).tolist()
+                answers.append((b, theta.to(b.dtype), w.to(b.dtype), ratios))
+        for b, theta, w, ratios in answers:  # host to device: a copy each on a GPU, nothing on a CPU
+            b.finish(theta.to(b.device), w.to(b.device), ratios)
 
 
 def solve_batches(batches: Sequence[SubspaceBatch], rayleigh_ritz: str = "device") -> int:

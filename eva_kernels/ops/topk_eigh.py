@@ -14,9 +14,12 @@ Algorithm (block size ``b = k + oversample``, capped at ``d``):
 3. Rayleigh-Ritz: eigendecomposition of the small ``T = Q^T A Q`` (b, b); Ritz vectors
    ``Q W`` sorted by descending Ritz value.
 
-With ``tol`` set, the iteration continues (up to ``max_iters``) until every wanted Ritz
-pair's residual ``||A v - theta v|| <= tol * theta_1``; that check synchronises with the
-host and is meant for final solves, not for per-batch tracking.
+With ``tol`` set, the iteration continues (up to ``max_iters`` products) until every wanted
+Ritz pair's residual ``||A v - theta v|| <= tol * theta_1``; that check synchronises with the
+host and is meant for final solves, not for per-batch tracking. After the first Rayleigh-Ritz
+it runs as a restarted block Krylov method (cycles of ``krylov_depth`` products, tested at 1,
+2, 4, ... products, see :mod:`eva_kernels.block_krylov`), which needs far fewer products on
+flat spectra.
 
 The products ``A Q`` (from the stored triangle) come from the selected backend's
 :class:`eva_kernels.EigenProducts`; the orthonormalisation (:func:`eva_kernels.linalg.orthonormalize`,
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .._registry import Backend, resolve
+from ..block_krylov import extend_basis, is_checkpoint, krylov_depth_for, tolerance_ratio, usable_depth
 from ..linalg import orthonormalize, orthonormalization_for, subtract_centering, sym_from_upper
 from ..subspace import fix_signs
 
@@ -81,7 +85,7 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
               init: Optional[Tensor] = None, oversample: int = 8, iters: int = 2, seed: int = 0,
               tol: Optional[float] = None, max_iters: int = 64, return_basis: bool = False,
               backend: Union[str, Backend, None] = None, orthonormalization: str = "auto",
-              reduce: Optional[Callable[[Tensor], Tensor]] = None):
+              reduce: Optional[Callable[[Tensor], Tensor]] = None, krylov_depth: Union[int, str] = "auto"):
     """Top-``k`` eigenpairs of a symmetric PSD matrix given by its upper triangle.
 
     Args:
@@ -95,7 +99,13 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
         iters: subspace iterations (each one ``A Q`` product and one orthonormalisation).
         seed: seed of the Gaussian test columns (generator on cov's device).
         tol: if set, keep iterating until all k residuals are below ``tol * theta_1`` (host sync).
-        max_iters: cap on iterations when ``tol`` is set.
+        max_iters: cap on products when ``tol`` is set.
+        krylov_depth: with ``tol``, from the ``iters``-th product the iteration runs in cycles of
+            ``krylov_depth`` products building a block Krylov basis, Rayleigh-Ritz and residual
+            test on all of it at 1, 2 and every 4 blocks and at the end, then a restart from the top
+            ``b`` Ritz vectors (:mod:`eva_kernels.block_krylov`;
+            capped so that the basis fits in ``d``); 1: plain subspace iteration; ``"auto"``:
+            by device (:func:`eva_kernels.block_krylov.krylov_depth_for`). Unused without ``tol``.
         return_basis: also return the full Ritz basis (b, d) and values (b,) for warm starts.
         backend: a name or a resolved :class:`eva_kernels.Backend` for the products ``A Q``
             (``available_backends(device, "topk_eigh")``); default ``EVA_BACKEND`` or auto.
@@ -138,39 +148,54 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
         m = min(init.shape[0], b)
         q[:, :m] = init[:m].to(dtype).mT
     q = orthonormalize(q, method)
-    done = 0
-    limit = max(iters, 1) if tol is None else max(max_iters, iters, 1)
+    first = max(iters, 1)
+    limit = first if tol is None else max(max_iters, first)
+    depth = 1 if tol is None else usable_depth(d, b, krylov_depth_for(cov.device.type, krylov_depth))
+    blocks, images, done = [q], [], 0
     while True:
-        if reduce is None:
-            y = products.matmul(operand, q, colsum, count)
-        else:  # centre after the sum: the rank-one term is global
-            y = subtract_centering(reduce(products.matmul(operand, q, None, None)), q, colsum, count)
+        y = _product(products, operand, blocks[-1], colsum, count, reduce)
         done += 1
-        if tol is not None and done >= max(iters, 1):
-            vals, vecs, ay_ok = _ritz(q, y, k, tol)
-            if ay_ok or done >= limit:
-                return _finish(vals, vecs, k, return_basis)
-        if done >= limit:
-            break
-        q = orthonormalize(y, method)
-    # Rayleigh-Ritz on the last orthonormal block q with y = A q already computed.
-    vals, vecs, _ = _ritz(q, y, k, None)
-    return _finish(vals, vecs, k, return_basis)
+        if done < first:  # plain subspace iteration up to the first Rayleigh-Ritz
+            blocks = [orthonormalize(y, method)]
+            continue
+        images.append(y)
+        if done < limit and not is_checkpoint(len(images), depth):  # grow the Krylov basis
+            blocks.append(extend_basis(torch.cat(blocks, -1), y, method))
+            continue
+        basis, image = torch.cat(blocks, -1), torch.cat(images, -1)
+        vals, w, ratio = _ritz(basis, image, k, tol if done < limit else None)
+        if tol is None or ratio <= 1.0 or done >= limit:
+            return _finish(vals[:b], basis @ w[:, :b], k, return_basis)
+        if len(images) < depth:  # a checkpoint inside the cycle: the same basis grows
+            blocks.append(extend_basis(basis, y, method))
+            continue
+        # restart: depth 1 continues the power sequence (Q <- orth(A Q)); deeper cycles start
+        # from the top b Ritz vectors
+        blocks = [orthonormalize(y if depth == 1 else basis @ w[:, :b], method)]
+        images = []
+
+
+def _product(products, operand, q: Tensor, colsum, count, reduce) -> Tensor:
+    """``A q`` from the backend's products (centred; summed over the parts with ``reduce``)."""
+    if reduce is None:
+        return products.matmul(operand, q, colsum, count)
+    # centre after the sum: the rank-one term is global
+    return subtract_centering(reduce(products.matmul(operand, q, None, None)), q, colsum, count)
 
 
 def _ritz(q: Tensor, aq: Tensor, k: int, tol: Optional[float]):
-    """Rayleigh-Ritz on span(q) given ``aq = A q``; optional residual test (host sync)."""
+    """Rayleigh-Ritz on span(q) given ``aq = A q``: Ritz values (n,) descending, the
+    coefficients (n, n), and with ``tol`` the worst wanted residual over ``tol * theta_1`` (a
+    host sync; the test passes at <= 1), else 0."""
     t = q.mT @ aq
     t = 0.5 * (t + t.mT)
     theta, w = torch.linalg.eigh(t)
     theta, w = theta.flip(0), w.flip(1)
-    vecs = q @ w
-    ok = False
+    ratio = 0.0
     if tol is not None:
-        resid = aq @ w[:, :k] - vecs[:, :k] * theta[:k]
-        scale = theta[0].abs().clamp_min(torch.finfo(theta.dtype).tiny)
-        ok = bool((resid.norm(dim=0) <= tol * scale).all())
-    return theta, vecs, ok
+        resid = aq @ w[:, :k] - (q @ w[:, :k]) * theta[:k]
+        ratio = float(tolerance_ratio(resid.norm(dim=0), theta, tol))
+    return theta, w, ratio
 
 
 def _finish(vals: Tensor, vecs: Tensor, k: int, return_basis: bool):

@@ -1,6 +1,7 @@
 """The engine against the exact PCA (float64 SVD) of exactly the tokens it consumed."""
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.config import EvaConfig
@@ -38,6 +39,20 @@ def test_minilm_matches_exact_pca(minilm, minilm_loader, token_spy):
         assert torch.equal(a[:k], b[:k])
     # the pooler (input without a sequence dimension) got one row per sequence
     assert sd.metadata["layers"]["pooler.dense"]["tokens"] == sum(len(v) for v in token_spy["pooler.dense"])
+
+
+@pytest.mark.parametrize("depth,batched", [(1, False), ("auto", False), ("auto", True)],
+                         ids=["subspace_iteration", "krylov", "krylov_batched"])
+def test_polish_depth_keeps_the_exact_pca(minilm, minilm_loader, token_spy, depth, batched):
+    """The final polish as plain subspace iteration or restarted block Krylov (per group or
+    batched): the same exact-PCA result; the depth that ran is in the metadata."""
+    model, _ = minilm
+    sd = eva.get_eva_state_dict(model, minilm_loader(n_batches=4), lora_config(QKVD, r=4, tau=1.0),
+                                show_progress_bar=False, observers=[token_spy], final_krylov_depth=depth,
+                                batch_solves=batched)
+    check_against_exact(sd, token_spy, min_overlap=0.9999)
+    assert sd.metadata["run"]["polish_krylov_depth"] == (1 if depth == 1 else 8)
+    assert (sd.metadata["run"]["polish_rounds"] > 0) == batched  # rounds are counted for batched polishes
 
 
 def test_gpt2_conv1d_matches_exact_pca(tiny_gpt2, token_spy):
