@@ -13,6 +13,7 @@ Steps, each with its own time limit (and never beyond what is left of the budget
    (16-bit: the bf16-split tensor-core path), with the bf16 GEMM peak measured in the same run.
 3. ``bench_topk_eigh``: the eigensolver's products and orthonormalisation per backend; then
    ``bench_small_eigh``: B x (b, b) eigh on the device vs the host route (``rayleigh_ritz``);
+   ``bench_batched_products``: a batched product on symmetric copies vs in place (no d x d copy);
    ``bench_polish``: the final polish per Krylov depth (which depth ``"auto"`` should pick on GPUs).
 4. ``bench_engine_gpu``: EVA against the forward passes alone (and PEFT's EVA) on a random-weight
    Llama, with batched and with per-group solves.
@@ -55,6 +56,7 @@ def steps(dry_run: bool) -> List[Step]:
                                   *sizes, *dry], 160, False),
         Step("bench_topk_eigh", [py, "-m", "benches.ops.bench_topk_eigh", *dry], 50, False),
         Step("bench_small_eigh", [py, "-m", "benches.ops.bench_small_eigh", *dry], 30, False),
+        Step("bench_batched_products", [py, "-m", "benches.ops.bench_batched_products", *dry], 30, False),
         Step("bench_polish", [py, "-m", "benches.ops.bench_polish", *(["--dry-run"] if dry else
                               ["--device", "cuda", "--d", "4096,14336", "--batched", "8", "--spectra", "flat,decaying"])],
              60, False),

@@ -83,8 +83,16 @@ class EvaOptions:
             host synchronisation, at any block size), or "auto" (default): "host" on CUDA,
             where ``eigh`` synchronises anyway and beyond b = 32 loops matrix by matrix, "device"
             elsewhere (CPU results unchanged). Not measured on a GPU yet.
-        solve_batch_bytes: bound on the transient memory of one batched solve (the symmetric
-            copies, ``2 * groups * d^2 * 4`` bytes); more groups are solved in several chunks.
+        batched_products: how the batched solves multiply the statistics
+            (:mod:`eva_kernels.ops.batch_operand`): "upper" (one Triton launch per product for
+            every group of a width, reading each statistic's upper triangle in place: no d x d
+            copy per step; fp32 statistics), "mirror" (symmetric copies stacked once per step,
+            then ``torch.bmm``), or "auto" (default): "upper" on CUDA where Triton runs, "mirror"
+            elsewhere (CPU results unchanged). An "upper" that cannot run on the GPU falls back to
+            "mirror"; ``.metadata["run"]["backends"]["batched_products"]`` says which ran and why.
+        solve_batch_bytes: bound on the transient memory of one batched solve with "mirror"
+            products (the symmetric copies, ``2 * groups * d^2 * 4`` bytes); more groups are
+            solved in several chunks.
         final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final
             polish solve (warm-started from the streaming estimate); final_max_iters caps its
             products.
@@ -125,6 +133,7 @@ class EvaOptions:
     check_every: Union[int, str] = 1
     batch_solves: Union[bool, str] = "auto"
     rayleigh_ritz: str = "auto"
+    batched_products: str = "auto"
     solve_batch_bytes: int = 1 << 30
     final_tol: float = 1e-4
     final_max_iters: int = 50
@@ -157,6 +166,8 @@ class EvaOptions:
             _check_bool("batch_solves", self.batch_solves)
         if self.rayleigh_ritz not in ("auto", "device", "host"):
             raise EvaError(f"rayleigh_ritz must be 'auto', 'device' or 'host', got {self.rayleigh_ritz!r}")
+        if self.batched_products not in ("auto", "mirror", "upper"):
+            raise EvaError(f"batched_products must be 'auto', 'mirror' or 'upper', got {self.batched_products!r}")
         _check_int("solve_batch_bytes", self.solve_batch_bytes, 1, None,
                    "must be an int >= 1 (bytes of one batched solve's symmetric copies, e.g. 1 << 30)")
         _check_int("final_max_iters", self.final_max_iters, 1, MAX_FINAL_ITERS,

@@ -6,7 +6,9 @@
 * :func:`topk_eigh_batched` — the same for many matrices of one size in batched calls.
 * :class:`SubspaceBatch`, :func:`solve_batches` — many matrices of several sizes iterated
   together, every round's small eigenproblems in one place (``rayleigh_ritz="host"``: one host
-  synchronisation per round), streaming (``iters``) or polishing to a tolerance (``tol``).
+  synchronisation per round), streaming (``iters``) or polishing to a tolerance (``tol``); on
+  CUDA their products read each statistic's upper triangle in place (no d x d copy,
+  :mod:`eva_kernels.ops.batch_operand`).
 * :func:`available_backends`, :func:`resolve_backend` — which of ``torch`` / ``triton`` /
   ``cpp`` can run an op here, and which one a call will use (:class:`Backend`).
 * :mod:`eva_kernels.block_krylov` — the restarted block Krylov cycles of a polish (``tol``).
@@ -23,6 +25,7 @@ from ._registry import (BACKEND_NAMES, Backend, BackendUnavailableError, EigenPr
 from .ops.cov_update import cov_update, symmetrize_
 from .ops.topk_eigh import EighBasis, EighResult, topk_eigh
 from .ops.topk_eigh_batched import topk_eigh_batched
+from .ops.batch_operand import PRODUCTS, resolve_products
 from .ops.subspace_batch import RAYLEIGH_RITZ, SubspaceBatch, solve_batches
 from .block_krylov import krylov_depth_for
 from .linalg import ORTHONORMALIZATIONS, orthonormalization_for, orthonormalize
@@ -30,7 +33,7 @@ from .subspace import component_cosines, fix_signs, subspace_overlap
 from . import backends  # noqa: F401  (registers torch, and triton / cpp when importable)
 
 __all__ = [
-    "cov_update", "topk_eigh", "topk_eigh_batched", "SubspaceBatch", "solve_batches", "RAYLEIGH_RITZ", "available_backends", "resolve_backend", "get_backend", "register_backend", "Backend",
+    "cov_update", "topk_eigh", "topk_eigh_batched", "SubspaceBatch", "solve_batches", "RAYLEIGH_RITZ", "PRODUCTS", "resolve_products", "available_backends", "resolve_backend", "get_backend", "register_backend", "Backend",
     "EigenProducts", "BackendUnavailableError", "BACKEND_NAMES", "symmetrize_", "component_cosines",
     "subspace_overlap", "fix_signs", "orthonormalize", "orthonormalization_for", "ORTHONORMALIZATIONS",
     "EighResult", "EighBasis", "krylov_depth_for", "__version__",

@@ -310,6 +310,7 @@ class Engine:
             if self.solver.batched:
                 out["topk_eigh_batched"] = "torch"  # streaming solves and polish of groups sharing a shape
                 out["small_eigh"] = self.solver.rayleigh_ritz  # where their (b, b) eigenproblems ran
+                out["batched_products"] = ",".join(self.solver.products_used) or None  # how A Q was computed
         return out
 
     def _progress(self, total) -> Optional[ProgressBar]:

@@ -80,6 +80,8 @@ class Solver:
         self.polish_rounds = 0
         #: products per cycle of the polish (EvaOptions.final_krylov_depth resolved for the device)
         self.krylov_depth = eva_kernels.krylov_depth_for(device_type, opts.final_krylov_depth)
+        #: how the batched solves' products ran ("mirror", "upper"; with a fallback's reason)
+        self.products_used: Dict[str, None] = {}
 
     def solve_all(self, groups: List[GroupState], step: int) -> None:
         """Streaming solves of ``groups`` at ``step``: batched (every width together, one
@@ -119,7 +121,9 @@ class Solver:
             diag, colsum, count, reduce = self._vectors(members)
             cov = members[0].stats.cov
             centred = members[0].stats.centered
-            per = max(1, int(opts.solve_batch_bytes // max(1, cov.shape[0] ** 2 * cov.element_size())))
+            products = eva_kernels.resolve_products(opts.batched_products, [g.stats.cov for g in members])
+            per = len(members) if products == "upper" else (  # "mirror" builds symmetric copies: bounded
+                max(1, int(opts.solve_batch_bytes // max(1, cov.shape[0] ** 2 * cov.element_size()))))
             for lo in range(0, len(members), per):
                 part = slice(lo, lo + per)
                 batch = eva_kernels.SubspaceBatch(
@@ -128,7 +132,8 @@ class Solver:
                     inits=[g.estimate.basis for g in members[part]], oversample=opts.oversample,
                     iters=1 if final else opts.iters, seed=opts.seed if final else opts.seed + step,
                     method=self.orthonormalization, tol=opts.final_tol if final else None,
-                    max_iters=opts.final_max_iters, reduce=reduce, krylov_depth=self.krylov_depth)
+                    max_iters=opts.final_max_iters, reduce=reduce, krylov_depth=self.krylov_depth,
+                    products=products)
                 plans.append((members[part], batch, diag[part], colsum[part], count[part]))
         try:
             rounds = eva_kernels.solve_batches([p[1] for p in plans], self.rayleigh_ritz)
@@ -139,6 +144,9 @@ class Solver:
             raise
         if final:
             self.polish_rounds = max(self.polish_rounds, rounds)
+        for p in plans:
+            op = p[1].operand_used
+            self.products_used[op.kind if op.fallback is None else f"mirror (upper fell back: {op.fallback})"] = None
         for members, batch, diag, colsum, count in plans:
             self._record_batch(members, batch.results, diag, colsum, count, cosines=not final)
 

@@ -1,6 +1,7 @@
 """Subspace iteration on many matrices at once, with every Rayleigh-Ritz of a round in one place.
 
-:class:`SubspaceBatch` holds ``G`` matrices of one size (their symmetric copies stacked) and
+:class:`SubspaceBatch` holds ``G`` matrices of one size (read in place by one Triton launch per
+product on CUDA, or their symmetric copies stacked: :mod:`eva_kernels.ops.batch_operand`) and
 iterates them together; :func:`solve_batches` drives several batches (several widths) in
 rounds, and gathers the small eigenproblems of a round so that they cost at most one host
 synchronisation for all of them:
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,6 +39,7 @@ from .. import block_krylov
 from ..block_krylov import extend_basis, is_checkpoint, krylov_depth_for, usable_depth
 from ..linalg import orthonormalize
 from ..subspace import fix_signs
+from .batch_operand import MirroredStack, batch_operand, subtract_centring, symmetric_stack
 from .topk_eigh import EighBasis
 
 RAYLEIGH_RITZ = ("device", "host")
@@ -61,17 +64,6 @@ def computing_on_host() -> bool:
     return getattr(_host, "active", False)
 
 
-def symmetric_stack(covs: Sequence[Tensor]) -> Tensor:
-    """(G, d, d): each matrix's upper triangle mirrored into its lower one, in one pass over
-    each matrix (one large copy kernel per matrix; no intermediate stack)."""
-    d = covs[0].shape[-1]
-    a = torch.empty((len(covs), d, d), dtype=covs[0].dtype, device=covs[0].device)
-    upper = torch.ones(d, d, dtype=torch.bool, device=a.device).triu_()
-    for i, c in enumerate(covs):
-        torch.where(upper, c, c.mT, out=a[i])
-    return a
-
-
 class SubspaceBatch:
     """``G`` matrices of one size iterated together (see the module docstring).
 
@@ -87,12 +79,15 @@ class SubspaceBatch:
             products; without, stop after ``iters``.
         reduce: sum of the products over the parts of a distributed matrix.
         krylov_depth: products per polishing cycle (:func:`eva_kernels.topk_eigh`'s argument).
+        products: how ``A Q`` is computed: ``"mirror"``, ``"upper"`` (in place, no d x d copy) or
+            ``"auto"`` (:mod:`eva_kernels.ops.batch_operand`); :attr:`operand` says which runs.
     """
 
     def __init__(self, covs: Sequence[Tensor], k: int, *, colsums=None, counts=None, inits=None,
                  oversample: int = 8, iters: int = 2, seed: int = 0, method: str = "householder",
                  tol: Optional[float] = None, max_iters: int = 64,
-                 reduce: Optional[Callable[[Tensor], Tensor]] = None, krylov_depth: Union[int, str] = "auto"):
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None, krylov_depth: Union[int, str] = "auto",
+                 products: str = "auto"):
         d, dtype, device = covs[0].shape[0], covs[0].dtype, covs[0].device
         self.k, self.b, self.method, self.reduce, self.tol = k, min(d, k + oversample), method, reduce, tol
         self.iters = max(int(iters), 1)
@@ -101,7 +96,10 @@ class SubspaceBatch:
         self.products = 0
         self.index = list(range(len(covs)))       # the matrices still running, as positions in covs
         self.results: List[Optional[EighBasis]] = [None] * len(covs)
-        self.a = symmetric_stack(covs)            # (G, d, d)
+        self.covs = list(covs)
+        self.operand = batch_operand(covs, products)  # the running matrices' products
+        self.operand_used = self.operand  # what ran (kept when the batch finishes; see :meth:`_product`)
+        self._checked = self.operand.kind == "mirror"  # an "upper" operand's first launch may fall back
         self.c = self.n = None
         if colsums is not None:
             self.c = torch.stack([x.to(dtype) for x in colsums])
@@ -136,14 +134,25 @@ class SubspaceBatch:
         return self.blocks[0].dtype
 
     def _product(self, q: Tensor) -> Tensor:
-        """``A Q`` for every running matrix (centred; summed over parts with ``reduce``)."""
-        y = torch.bmm(self.a, q)
-        if self.reduce is not None:
-            y = self.reduce(y)
-        if self.c is None:
-            return y
-        ctq = torch.bmm(self.c.unsqueeze(1), q) / self.n.reshape(-1, 1, 1)
-        return torch.baddbmm(y, self.c.unsqueeze(2), ctq, alpha=-1)
+        """``A Q`` for every running matrix (centred; summed over parts with ``reduce``: the
+        centring is applied after the sum, so it is fused into the product only without one)."""
+        if not self._checked:
+            self._checked = True
+            try:
+                return self._apply(q)
+            except Exception as exc:  # noqa: BLE001 - a kernel this GPU cannot compile or launch
+                stack = symmetric_stack([self.covs[i] for i in self.index])
+                reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+                warnings.warn(f"eva_kernels: the in-place batched products (products='upper') cannot run here "
+                              f"({reason}); using symmetric copies (products='mirror') instead")
+                self.operand = MirroredStack(stack=stack, fallback=reason)
+                self.operand_used = self.operand
+        return self._apply(q)
+
+    def _apply(self, q: Tensor) -> Tensor:
+        if self.reduce is None:
+            return self.operand.matmul(q, self.c, self.n)
+        return subtract_centring(self.reduce(self.operand.matmul(q, None, None)), q, self.c, self.n)
 
     def advance(self) -> bool:
         """One product ``Y = A Q`` of the newest block; True when a Rayleigh-Ritz is due now.
@@ -206,13 +215,13 @@ class SubspaceBatch:
                     self.results[self.index[j]] = EighBasis(vals[j, :self.k], rows[j, :self.k], rows[j], vals[j])
         keep = [j for j, finished in enumerate(done) if not finished]
         if not keep:
-            self.index, self.a, self.blocks, self.images, self.c, self.n = [], None, [], [], None, None
+            self.index, self.operand, self.covs, self.blocks, self.images, self.c, self.n = [], None, [], [], [], None, None
             return
         grow = len(self.images) < self.depth  # a checkpoint inside the cycle: the same basis grows
         start = q if grow else (y if self.depth == 1 else ritz)
         if len(keep) < len(done):  # compact once per round in which some finish
             sel = torch.tensor(keep, device=start.device)
-            self.a, start = self.a.index_select(0, sel), start.index_select(0, sel)
+            self.operand, start = self.operand.select(keep, sel), start.index_select(0, sel)
             if grow:
                 self.images = [im.index_select(0, sel) for im in self.images]
             if self.c is not None:

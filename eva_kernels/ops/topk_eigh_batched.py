@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..linalg import orthonormalization_for
 from ..subspace import fix_signs
-from .subspace_batch import SubspaceBatch, solve_batches, symmetric_stack
+from .batch_operand import symmetric_stack
+from .subspace_batch import SubspaceBatch, solve_batches
 from .topk_eigh import EighBasis, _check_args
 
 #: Default bound on the transient memory of one chunk (bytes).

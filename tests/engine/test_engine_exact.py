@@ -9,7 +9,7 @@ from peft.tuners.lora.config import EvaConfig
 import eva
 from eva.testing import check_against_exact
 from eva_kernels.testing import exact_pca
-from helpers import random_token_batches
+from helpers import TRITON_MARKS, random_token_batches
 
 QKVD = ["query", "key", "value", "dense"]
 
@@ -66,6 +66,37 @@ def test_gpt2_conv1d_matches_exact_pca(tiny_gpt2, token_spy):
     # padding mask honoured: tokens = kept positions
     kept = sum(int(b["attention_mask"].sum()) for b in batches)
     assert sd.metadata["layers"]["h.0.attn.c_attn"]["tokens"] <= kept
+
+
+@pytest.mark.parametrize("products", ["mirror", pytest.param("upper", marks=TRITON_MARKS)])
+def test_batched_products_keep_the_exact_pca(tiny_llama, token_spy, products):
+    """Batched solves whose products read the statistics in place (the Triton kernel, no d x d
+    copy per step; the CUDA default) or from symmetric copies: the same exact-PCA result, and
+    the metadata says which ran."""
+    batches = random_token_batches(tiny_llama.config.vocab_size, 5, batch=4, seq=15)
+    cfg = lora_config(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4, tau=1.0)
+    sd = eva.get_eva_state_dict(tiny_llama, batches, cfg, show_progress_bar=False, observers=[token_spy],
+                                batch_solves=True, batched_products=products, rayleigh_ritz="host")
+    check_against_exact(sd, token_spy, min_overlap=0.9999)
+    assert sd.metadata["run"]["backends"]["batched_products"] == products
+
+
+def test_batched_products_that_cannot_run_fall_back_and_say_so(tiny_llama, token_spy, monkeypatch):
+    """A GPU where the in-place kernel cannot compile or launch: the run goes on with symmetric
+    copies, warns, and the metadata names the fallback and its reason."""
+    from eva_kernels.backends.triton import upper_bmm as kernel_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+    monkeypatch.setattr(kernel_module, "upper_bmm", broken)
+    batches = random_token_batches(tiny_llama.config.vocab_size, 3, batch=4, seq=15)
+    cfg = lora_config(["q_proj", "o_proj", "down_proj"], r=4, tau=1.0)
+    with pytest.warns(UserWarning, match="cannot run here"):
+        sd = eva.get_eva_state_dict(tiny_llama, batches, cfg, show_progress_bar=False, observers=[token_spy],
+                                    batch_solves=True, batched_products="upper", on_unconverged="warn")
+    check_against_exact(sd, token_spy, min_overlap=0.9999)
+    used = sd.metadata["run"]["backends"]["batched_products"]
+    assert used.startswith("mirror (upper fell back: RuntimeError: no kernel image"), used
 
 
 def test_llama_groups_and_exact(tiny_llama, token_spy):

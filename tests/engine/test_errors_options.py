@@ -56,11 +56,12 @@ def _cfg_with(**eva_fields):
     ({}, dict(final_max_iters=0), r"final_max_iters must be an int in \[1, 10000\]"),
     ({}, dict(final_krylov_depth=0), r"final_krylov_depth must be 'auto' or an int in \[1, 64\].*got 0"),
     ({}, dict(final_krylov_depth="deep"), r"final_krylov_depth must be 'auto' or an int in \[1, 64\]"),
+    ({}, dict(batched_products="fast"), r"batched_products must be 'auto', 'mirror' or 'upper', got 'fast'"),
     ({}, dict(centered="no"), r"centered must be True or False, got 'no'"),
     ({}, dict(seed=-3), r"seed must be a non-negative int, got -3"),
 ], ids=["rho<1", "rho=nan", "rho=inf", "tau>1", "tau<0", "tau=nan", "whiten=str", "label_mask_value=float",
         "max_steps=0", "max_steps=float", "on_unconverged", "iters=0", "oversample=1e6", "oversample<0",
-        "final_tol<0", "final_tol=nan", "final_max_iters=0", "krylov_depth=0", "krylov_depth=str", "centered=str", "seed<0"])
+        "final_tol<0", "final_tol=nan", "final_max_iters=0", "krylov_depth=0", "krylov_depth=str", "batched_products", "centered=str", "seed<0"])
 def test_bad_settings(gpt2, cfg_kw, options, message):
     with untouched(gpt2) as spy, pytest.raises(EvaError, match=message):
         run(gpt2, batches(2), _cfg_with(**cfg_kw), forward_fn=spy.forward_fn, **options)

@@ -80,3 +80,17 @@ def num_sms(device: torch.device) -> int:
 def pow2_bucket(n: int) -> int:
     """Autotuning key for a token count: next power of two (tuning is not redone per n)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def centred_variant_pruner(kernel: str, q_arg: str = "q_ptr"):
+    """An autotuner ``early_config_prune`` for a product kernel with fp32 / fp32-centred variants
+    (``HAS_C``): drops the configs the compile check found spilling for ``kernel`` on this GPU
+    (:func:`.launches.prune_configs`); nothing is pruned under the interpreter or off CUDA."""
+    def prune(configs, named_args, **kwargs):
+        from .launches import prune_configs  # launches imports the kernel modules
+        q = named_args[q_arg]
+        if INTERPRET or q.device.type != "cuda":
+            return configs
+        variant = "fp32-centred" if kwargs.get("HAS_C", named_args.get("HAS_C")) else "fp32"
+        return prune_configs(kernel, configs, variant, torch.cuda.get_device_capability(q.device)[0])
+    return prune

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...linalg import subtract_centering, sym_from_upper
-from .config import FP32_DOT_PRECISION, INTERPRET
+from .config import FP32_DOT_PRECISION, INTERPRET, centred_variant_pruner
 
 
 def _dev_ctx(t: Tensor):
@@ -75,17 +75,9 @@ GPU_OP_CONFIGS = [
 INTERPRETER_OP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 _OP_CONFIGS = INTERPRETER_OP_CONFIGS if INTERPRET else GPU_OP_CONFIGS
 
-def _prune(configs, named_args, **kwargs):
-    """Drop the configs the compile check found spilling for this variant on this GPU."""
-    from .launches import prune_configs
-    q = named_args["q_ptr"]
-    if INTERPRET or q.device.type != "cuda":
-        return configs
-    variant = "fp32-centred" if kwargs.get("HAS_C", named_args.get("HAS_C")) else "fp32"
-    return prune_configs("_centered_matmul_kernel", configs, variant, torch.cuda.get_device_capability(q.device)[0])
 
-
-@triton.autotune(configs=_OP_CONFIGS, key=["d", "b", "HAS_C"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_OP_CONFIGS, key=["d", "b", "HAS_C"],
+                 prune_configs_by={"early_config_prune": centred_variant_pruner("_centered_matmul_kernel")})
 @triton.jit
 def _centered_matmul_kernel(a_ptr, q_ptr, c_ptr, n_ptr, y_ptr, d, b,
                             stride_am, stride_ak, stride_qk, stride_qn, stride_ym, stride_yn,

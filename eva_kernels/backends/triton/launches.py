@@ -21,6 +21,7 @@ import triton
 from . import config as _config_module
 from . import cov_update_kernel as _cov
 from . import eigen_steps as _eig
+from . import upper_bmm as _ubmm
 
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
                     "torch.float64": "fp64"}
@@ -105,6 +106,18 @@ LAUNCHES: List[Launch] = [
         configs=tuple(_eig.GPU_OP_CONFIGS),
     ),
     Launch(
+        kernel=_jit(_ubmm._upper_bmm_kernel),
+        signature=dict(addr_ptr="*i64", q_ptr="*fp32", c_ptr="*fp32", n_ptr="*fp32", y_ptr="*fp32", d="i32", b="i32",
+                       stride_qg="i32", stride_qk="i32", stride_qn="i32", stride_cg="i32", stride_yg="i32",
+                       stride_ym="i32", stride_yn="i32"),
+        variants=tuple(Variant("fp32" + ("-centred" if c else ""), {},
+                               dict(HAS_C=c, FP32_PRECISION=_config_module.GPU_FP32_DOT_PRECISION), mma="tf32")
+                       for c in (False, True)),
+        configs=tuple(_ubmm.GPU_CONFIGS),
+    ),
+    Launch(kernel=_ubmm._accumulate, signature={}, variants=(), configs=(),
+           never_launched="a device function inlined into _upper_bmm_kernel (compiled with it)"),
+    Launch(
         kernel=_jit(_eig._mirror_kernel),
         signature=dict(src_ptr="*fp32", dst_ptr="*fp32", d="i32"),
         variants=tuple(Variant(t, {"src_ptr": f"*{t}", "dst_ptr": f"*{t}"}, {}) for t in ("fp32", "fp64")),
@@ -134,6 +147,8 @@ EXCLUDED: Dict[Tuple[str, str, str, int], str] = {
     **{("_centered_matmul_kernel", cfg, variant, 80): _TF32X3_SPILL
        for cfg in ("BLOCK_M=128,BLOCK_N=32,BLOCK_K=64/w8/s3", "BLOCK_M=64,BLOCK_N=64,BLOCK_K=64/w8/s3")
        for variant in ("fp32", "fp32-centred")},
+    ("_upper_bmm_kernel", "BLOCK_M=64,BLOCK_N=128,BLOCK_K=16/w8/s3", "fp32", 90):
+        "spills 24 B on sm_90 (the centred variant, one more reduction, does not: register allocation)",
 }
 
 
