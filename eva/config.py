@@ -96,6 +96,15 @@ class EvaOptions:
         final_tol: residual tolerance ``||C v - theta v|| <= final_tol * theta_1`` of the final
             polish solve (warm-started from the streaming estimate); final_max_iters caps its
             products.
+        polish_screen_tol: a screened final polish (:mod:`eva.engine.polish_plan`): every group
+            is first polished to this looser residual tolerance, then only the components the
+            rank allocation may still keep (those within the screen's error bound of the cutoff
+            or above it) are polished to ``final_tol``; groups whose every offer is certainly
+            below the cutoff are not polished further. Same ranks and same exact components as
+            polishing everything to ``final_tol``; the dropped components' ratios in the metadata
+            are accurate to the screen's tolerance. Default 1e-2; None (or <= ``final_tol``):
+            every component of every group to ``final_tol``. Runs that calibrate all groups at
+            once only (a layer-sequential run polishes each window before the allocation).
         final_krylov_depth: products per cycle of the final polish, a restarted block Krylov
             method (:mod:`eva_kernels.block_krylov`): each cycle grows a basis of that many
             blocks, then one Rayleigh-Ritz and residual test on all of it. "auto" (default): 8 on
@@ -137,6 +146,7 @@ class EvaOptions:
     solve_batch_bytes: int = 1 << 30
     final_tol: float = 1e-4
     final_max_iters: int = 50
+    polish_screen_tol: Optional[float] = 1e-2
     final_krylov_depth: Union[int, str] = "auto"
     backend: Optional[str] = None
     orthonormalization: str = "auto"
@@ -176,6 +186,10 @@ class EvaOptions:
             _check_int("final_krylov_depth", self.final_krylov_depth, 1, MAX_KRYLOV_DEPTH,
                        f"must be 'auto' or an int in [1, {MAX_KRYLOV_DEPTH}] (products per polish cycle; "
                        "1: plain subspace iteration)")
+        if self.polish_screen_tol is not None and (not _is_real(self.polish_screen_tol)
+                                                   or not 0.0 < float(self.polish_screen_tol) < 1.0):
+            raise EvaError(f"polish_screen_tol must be None (no screening) or a number in (0, 1) (the "
+                           f"screen's relative residual, e.g. 1e-2), got {self.polish_screen_tol!r}")
         _check_int("seed", self.seed, 0, 2**63 - 1, "must be a non-negative int")
         if not _is_real(self.final_tol) or not 0.0 < float(self.final_tol) < 1.0:
             raise EvaError(f"final_tol must be a number in (0, 1) (relative residual of the final solve, "

@@ -29,7 +29,7 @@ of ``~3e-4 theta`` on the residual that a ``tol`` of 1e-4 could never pass.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -115,8 +115,14 @@ def residual_norms(theta: Tensor, w: Tensor, t: Tensor, g: Tensor, m: Tensor, k:
     return r2.clamp_min(0).sqrt()
 
 
-def tolerance_ratio(resid: Tensor, theta: Tensor, tol: float) -> Tensor:
+def tolerance_ratio(resid: Tensor, theta: Tensor, tol: float, wanted: Optional[Tensor] = None) -> Tensor:
     """(...,) the worst wanted residual (..., k) over ``tol * theta_1`` (``theta`` (..., n)
-    descending): the test passes when it is <= 1."""
+    descending): the test passes when it is <= 1. ``wanted`` (...,) integers: only the first
+    ``wanted`` of the ``k`` residuals count (0: none, the ratio is 0)."""
     scale = theta[..., :1].abs().clamp_min(torch.finfo(theta.dtype).tiny)
-    return (resid / (tol * scale)).amax(dim=-1)
+    ratio = resid / (tol * scale)
+    if wanted is not None:
+        cols = torch.arange(ratio.shape[-1], device=ratio.device)
+        ratio = torch.where(cols < wanted.to(ratio.device).unsqueeze(-1), ratio, torch.zeros((), dtype=ratio.dtype,
+                                                                                              device=ratio.device))
+    return ratio.amax(dim=-1)

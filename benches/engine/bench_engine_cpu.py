@@ -46,8 +46,8 @@ def parse_args(argv=None):
     add_compare_args(p, repeats=3)
     p.add_argument("--check-every", type=lambda t: t if t == "auto" else int(t), default=1,
                    help="EVA option check_every: batches between solves, or auto")
-    p.add_argument("--no-batch-solves", action="store_true",
-                   help="EVA option batch_solves=False: one solve per group (default: batched by shape)")
+    p.add_argument("--batch-solves", choices=["auto", "on", "off"], default="auto",
+                   help="EVA option batch_solves (default: the library's default, auto: per group on CPU)")
     return p.parse_args(argv)
 
 
@@ -73,7 +73,8 @@ def main(argv=None):
     torch.manual_seed(0)
     model, loader = build(args.batches, args.batch_size, args.max_length)
     cfg = lora_eva_config(TARGETS, args.r, args.rho, args.tau)
-    options = dict(check_every=args.check_every, batch_solves=not args.no_batch_solves)
+    options = dict(check_every=args.check_every,
+                   batch_solves={"auto": "auto", "on": True, "off": False}[args.batch_solves])
     compare_on_cpu(model, loader, cfg, args, options, SHARED_INPUTS, "engine_cpu", "EVA end to end, MiniLM, CPU")
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import eva_kernels
 from ..config import EvaSettings
 from ..errors import EvaError, EvaNotConvergedError
 from ..result import FORMAT, EvaStateDict
-from . import allocation
+from . import allocation, polish_plan
 from .observer import EvaObserver
 from .state import RunState
 from .variance_floor import apply_variance_floor
@@ -50,24 +50,55 @@ def _check_converged(state: RunState, settings: EvaSettings) -> None:
     warnings.warn(msg)
 
 
-def polish_groups(groups, solver, step: int) -> int:
-    """Final solve of ``groups`` to the residual tolerance (warm-started, :meth:`Solver.polish`),
-    then one sync of their pending values; returns the rounds of a batched polish (0: per group)."""
-    solver.polish(groups, step)
+def polish_groups(groups, solver, step: int, tol=None, wanted=None) -> int:
+    """Final solve of ``groups`` to the residual tolerance (warm-started, :meth:`Solver.polish`;
+    ``tol``, ``wanted``: see there), then one sync of their pending values; returns the rounds
+    of a batched polish (0: per group)."""
+    rounds = solver.polish(groups, step, tol=tol, wanted=wanted)
     solver.sync(groups, step)
-    return solver.polish_rounds
+    return rounds
 
 
-def _polish(state: RunState, solver) -> None:
+def _screened_polish(state: RunState, solver, live, screen_tol: float) -> None:
+    """Every live group polished to ``screen_tol``, then only the components the allocation may
+    keep to ``final_tol`` (:mod:`eva.engine.polish_plan`), in the groups the screen left above
+    it; records ``state.polish_screen``."""
+    rounds = polish_groups(live, solver, state.step, tol=screen_tol)
+    solved = [g for g in state.groups if g.stats is not None]
+    apply_variance_floor(solved)
+    keep = polish_plan.components_to_polish(solved, state.offers(), state.max_components(), state.budget,
+                                            polish_plan.margins(solved))
+    final_tol = solver.opts.final_tol
+    wanted = {g.index: keep[g.index] for g in live
+              if keep[g.index] > 0 and (g.estimate.polished_residual is None or g.estimate.polished_residual > final_tol)}
+    again = [g for g in live if g.index in wanted]
+    if again:
+        rounds += polish_groups(again, solver, state.step, wanted=wanted)
+    state.polish_rounds = max(state.polish_rounds, rounds)
+    state.polish_screen = {
+        "tol": screen_tol,
+        "groups": len(live),
+        "groups_polished": len(again),
+        "components_offered": sum(g.max_components for g in live),
+        "components_polished": sum(wanted.values()),
+    }
+
+
+def _polish(state: RunState, solver, settings: EvaSettings) -> None:
     """Final solve of every group whose statistic is still live (a layer-sequential run polished
-    and freed each group at the end of its window), the variance floor over every group, the
-    final allocation."""
+    and freed each group at the end of its window), screened when ``polish_screen_tol`` asks
+    (:func:`_screened_polish`), the variance floor over every group, the final allocation."""
     t_polish = time.perf_counter()
     if not state.groups:  # every batch was skipped (skip_empty_batches=True): nothing was captured
         raise EvaError(f"every batch was skipped ({state.step} batch(es)): no token left after the padding/label "
                        "mask; check the attention masks and labels, or set use_label_mask=False")
-    rounds = polish_groups([g for g in state.groups if g.stats is not None and g.stats.live], solver, state.step)
-    state.polish_rounds = max(state.polish_rounds, rounds)
+    live = [g for g in state.groups if g.stats is not None and g.stats.live]
+    opts = settings.options
+    screen = opts.polish_screen_tol
+    if live and screen is not None and screen > opts.final_tol:
+        _screened_polish(state, solver, live, screen)
+    else:
+        state.polish_rounds = max(state.polish_rounds, polish_groups(live, solver, state.step))
     solved = [g for g in state.groups if g.stats is not None]
     _check_zero_variance(apply_variance_floor(solved), len(solved))
     allocation.reallocate(state)
@@ -124,6 +155,7 @@ def _run_info(state: RunState) -> dict:
         "polish_seconds": state.polish_seconds,
         "polish_rounds": state.polish_rounds,
         "polish_krylov_depth": state.polish_krylov_depth,
+        "polish_screen": dict(state.polish_screen) if state.polish_screen else None,
         "cadence": state.cadence.describe() if state.cadence is not None else None,
         "peak_statistics_bytes": state.peak_stat_bytes,
         "mode": state.mode,
@@ -160,7 +192,7 @@ def build_result(state: RunState, settings: EvaSettings, solver, device, observe
     (None: where they were computed).
     """
     _check_converged(state, settings)
-    _polish(state, solver)
+    _polish(state, solver, settings)
     observer.on_finish(state)
     tensors = {}
     for name in state.order:

@@ -41,6 +41,16 @@ def _finite(diag: Tensor, colsum: Tensor) -> Tensor:
     return torch.isfinite(colsum).all() & torch.isfinite(diag).all()
 
 
+def _polished(group: GroupState, res):
+    """A polish's :class:`eva_kernels.EighBasis` with the group's ``max_components`` leading Ritz
+    pairs as its eigenpairs (more than the wanted ones when fewer were asked: those met the
+    tolerance, the others are the Rayleigh-Ritz values of the same, better, subspace); records
+    the wanted pairs' residual in ``group.estimate.polished_residual``."""
+    m = group.max_components
+    group.estimate.polished_residual = res.residual
+    return res._replace(eigenvalues=res.ritz_values[:m], eigenvectors=res.basis[:m])
+
+
 def batched_solves(option, device_type: str, distributed: bool = False) -> bool:
     """``EvaOptions.batch_solves`` resolved for statistics on ``device_type``: "auto" batches on
     GPUs (launch-bound) and in distributed runs (one all-reduce per iteration and width instead
@@ -92,7 +102,8 @@ class Solver:
             return
         self._run_batched(groups, step, final=False)
 
-    def _buckets(self, groups: List[GroupState]) -> List[List[GroupState]]:
+    @staticmethod
+    def _buckets(groups: List[GroupState]) -> List[List[GroupState]]:
         """``groups`` split into sets that can be solved together (width, rank, dtype, device, mode)."""
         buckets: Dict[tuple, List[GroupState]] = {}
         for g in groups:
@@ -112,10 +123,12 @@ class Solver:
         colsum, count, diag = dist_utils.reduced_vectors(colsum, count, diag, self.traffic)
         return diag, colsum, count, self.traffic.all_reduce
 
-    def _run_batched(self, groups: List[GroupState], step: int, final: bool) -> None:
+    def _run_batched(self, groups: List[GroupState], step: int, final: bool, tol: Optional[float] = None,
+                     wanted: Optional[Dict[int, int]] = None) -> int:
         """Every width's groups in :class:`eva_kernels.SubspaceBatch` chunks, run together by
-        :func:`eva_kernels.solve_batches` (streaming: ``iters`` products; ``final``: to
-        ``final_tol``), then their pending values recorded in batched ops."""
+        :func:`eva_kernels.solve_batches` (streaming: ``iters`` products; ``final``: to ``tol``
+        for the ``wanted`` leading pairs, see :meth:`polish`), then their pending values recorded
+        in batched ops. Returns the rounds."""
         opts, plans = self.opts, []
         for members in self._buckets(groups):
             diag, colsum, count, reduce = self._vectors(members)
@@ -130,8 +143,9 @@ class Solver:
                     [g.stats.cov for g in members[part]], members[0].max_components,
                     colsums=list(colsum[part]) if centred else None, counts=list(count[part]) if centred else None,
                     inits=[g.estimate.basis for g in members[part]], oversample=opts.oversample,
+                    wanted=None if not wanted else [wanted.get(g.index, g.max_components) for g in members[part]],
                     iters=1 if final else opts.iters, seed=opts.seed if final else opts.seed + step,
-                    method=self.orthonormalization, tol=opts.final_tol if final else None,
+                    method=self.orthonormalization, tol=(tol or opts.final_tol) if final else None,
                     max_iters=opts.final_max_iters, reduce=reduce, krylov_depth=self.krylov_depth,
                     products=products)
                 plans.append((members[part], batch, diag[part], colsum[part], count[part]))
@@ -142,19 +156,22 @@ class Solver:
                 if not bool(_finite(torch.diagonal(g.stats.cov), g.stats.colsum)):
                     raise _nan_error(g.members, step) from exc
             raise
-        if final:
-            self.polish_rounds = max(self.polish_rounds, rounds)
         for p in plans:
             op = p[1].operand_used
             self.products_used[op.kind if op.fallback is None else f"mirror (upper fell back: {op.fallback})"] = None
         for members, batch, diag, colsum, count in plans:
-            self._record_batch(members, batch.results, diag, colsum, count, cosines=not final)
+            self._record_batch(members, batch.results, diag, colsum, count, final=final)
+        return rounds
 
     def _record_batch(self, groups: List[GroupState], res, diag: Tensor, colsum: Tensor, count: Tensor,
-                      cosines: bool) -> None:
+                      final: bool) -> None:
         """Store ``res`` (one :class:`EighBasis` per group) and the pending values of ``groups``
-        in batched ops: eigenvalues, variance terms, token count, finiteness, and (``cosines``)
-        the cosines with the previous estimate."""
+        in batched ops: eigenvalues, variance terms, token count, finiteness, and (streaming) the
+        cosines with the previous estimate; a polish keeps all ``max_components`` leading Ritz
+        pairs (:func:`_polished`) and their residual."""
+        cosines = not final
+        if final:
+            res = [_polished(g, r) for g, r in zip(groups, res)]
         stats = [g.stats for g in groups]
         centred = stats[0].centered
         shifts = [s.shift for s in stats]
@@ -179,8 +196,17 @@ class Solver:
             est.components = r.eigenvectors
             est.eigenvalues = r.eigenvalues
 
-    def polish(self, groups: List[GroupState], step: int) -> None:
-        """Final solves of ``groups`` to ``final_tol`` (warm-started from the streaming basis).
+    def polish(self, groups: List[GroupState], step: int, tol: Optional[float] = None,
+               wanted: Optional[Dict[int, int]] = None) -> int:
+        """Final solves of ``groups`` to ``tol`` (default ``final_tol``), warm-started from their
+        current basis; returns the rounds of a batched polish (0 per group).
+
+        ``wanted``: group index -> the leading pairs that must meet ``tol`` (default all
+        ``max_components``; :mod:`eva.engine.polish_plan` asks for fewer where the allocation
+        cannot keep the rest). The block stays ``max_components + oversample`` either way, and
+        every group keeps its ``max_components`` leading Ritz pairs. Records in each estimate its
+        wanted pairs' worst residual relative to theta_1 (``polished_residual``: at most ``tol``
+        unless the polish stopped at ``final_max_iters``).
 
         Batched solves: every width iterates together, with one Rayleigh-Ritz place and at most
         one host synchronisation per round for all of them (:meth:`_run_batched`); otherwise
@@ -189,24 +215,28 @@ class Solver:
         """
         if not self.batched:
             for g in groups:
-                self.solve(g, step, final=True)
-            return
-        self._run_batched(groups, step, final=True)
+                self.solve(g, step, final=True, tol=tol, wanted=(wanted or {}).get(g.index))
+            return 0
+        rounds = self._run_batched(groups, step, final=True, tol=tol, wanted=wanted)
+        self.polish_rounds = max(self.polish_rounds, rounds)
+        return rounds
 
-    def solve(self, group: GroupState, step: int, final: bool = False) -> None:
+    def solve(self, group: GroupState, step: int, final: bool = False, tol: Optional[float] = None,
+              wanted: Optional[int] = None) -> None:
         """Re-estimate ``group``'s top ``max_components`` eigenpairs (no host sync on the normal path).
 
         When the eigensolver fails (LAPACK raises on NaN/Inf on CPU) and the statistics are not
         finite, the error raised names the group's layers instead.
         """
         try:
-            self._solve(group, step, final)
+            self._solve(group, step, final, tol, wanted)
         except RuntimeError as exc:
             if not bool(_finite(torch.diagonal(group.stats.cov), group.stats.colsum)):
                 raise _nan_error(group.members, step) from exc
             raise
 
-    def _solve(self, group: GroupState, step: int, final: bool) -> None:
+    def _solve(self, group: GroupState, step: int, final: bool, tol: Optional[float] = None,
+               wanted: Optional[int] = None) -> None:
         stats, est, opts = group.stats, group.estimate, self.opts
         cov, colsum, count, diag = stats.cov, stats.colsum, stats.count, torch.diagonal(stats.cov)
         reduce = None
@@ -216,9 +246,13 @@ class Solver:
         c_sum, c_cnt = stats.centring(colsum, count)
         common = dict(colsum=c_sum, count=c_cnt, init=est.basis, oversample=opts.oversample, return_basis=True,
                       backend=self.backend, orthonormalization=self.orthonormalization, reduce=reduce)
-        if final:  # polish to a residual tolerance, warm-started from the streaming basis
-            res = eva_kernels.topk_eigh(cov, group.max_components, iters=1, seed=opts.seed, tol=opts.final_tol,
-                                        max_iters=opts.final_max_iters, krylov_depth=self.krylov_depth, **common)
+        if final:  # polish to a residual tolerance, warm-started from the current basis
+            k = group.max_components if wanted is None else wanted
+            tol = tol or opts.final_tol
+            common["oversample"] += group.max_components - k  # the same block b whatever k
+            res = _polished(group, eva_kernels.topk_eigh(
+                cov, k, iters=1, seed=opts.seed, tol=tol, max_iters=opts.final_max_iters,
+                krylov_depth=self.krylov_depth, **common))
         else:
             res = eva_kernels.topk_eigh(cov, group.max_components, iters=opts.iters, seed=opts.seed + step, **common)
         pending = {

@@ -43,6 +43,9 @@ class Estimate:
     zero_variance: bool = False
     steps: int = 0
     solves: int = 0
+    #: the last polish's worst residual ``||A v - theta v|| / theta_1`` over its wanted pairs
+    #: (None: not polished)
+    polished_residual: Optional[float] = None
 
     def converged_prefix(self, tau: float) -> int:
         """Number of leading components whose cosine with the previous estimate is >= tau."""
@@ -113,6 +116,7 @@ class RunState:
     polish_seconds: float = 0.0
     polish_rounds: int = 0                # most rounds of a batched polish (0: per-group polish)
     polish_krylov_depth: Optional[int] = None  # products per polish cycle (before the cap by width)
+    polish_screen: Optional[Dict[str, Any]] = None  # the screened polish's counts (eva.engine.polish_plan)
     cadence: Any = None                   # the run's eva.engine.cadence.SolveCadence (set by the engine)
     stat_bytes: int = 0                   # bytes of the live statistics (all groups, all devices)
     peak_stat_bytes: int = 0              # their peak over the run

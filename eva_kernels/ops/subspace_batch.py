@@ -81,13 +81,16 @@ class SubspaceBatch:
         krylov_depth: products per polishing cycle (:func:`eva_kernels.topk_eigh`'s argument).
         products: how ``A Q`` is computed: ``"mirror"``, ``"upper"`` (in place, no d x d copy) or
             ``"auto"`` (:mod:`eva_kernels.ops.batch_operand`); :attr:`operand` says which runs.
+        wanted: per matrix, how many of the ``k`` leading pairs the residual test covers (each
+            ``<= k``; default all ``k``): a polish that needs fewer exact pairs for some matrices
+            (``eva.engine.polish_plan``) keeps them in the same batch. Results still hold ``k``.
     """
 
     def __init__(self, covs: Sequence[Tensor], k: int, *, colsums=None, counts=None, inits=None,
                  oversample: int = 8, iters: int = 2, seed: int = 0, method: str = "householder",
                  tol: Optional[float] = None, max_iters: int = 64,
                  reduce: Optional[Callable[[Tensor], Tensor]] = None, krylov_depth: Union[int, str] = "auto",
-                 products: str = "auto"):
+                 products: str = "auto", wanted: Optional[Sequence[int]] = None):
         d, dtype, device = covs[0].shape[0], covs[0].dtype, covs[0].device
         self.k, self.b, self.method, self.reduce, self.tol = k, min(d, k + oversample), method, reduce, tol
         self.iters = max(int(iters), 1)
@@ -95,6 +98,7 @@ class SubspaceBatch:
         self.depth = 1 if tol is None else usable_depth(d, self.b, krylov_depth_for(device.type, krylov_depth))
         self.products = 0
         self.index = list(range(len(covs)))       # the matrices still running, as positions in covs
+        self.wanted = None if wanted is None else [min(int(w), k) for w in wanted]  # per position in covs
         self.results: List[Optional[EighBasis]] = [None] * len(covs)
         self.covs = list(covs)
         self.operand = batch_operand(covs, products)  # the running matrices' products
@@ -186,8 +190,9 @@ class SubspaceBatch:
         return 0.5 * (t + t.mT)
 
     def testing(self) -> bool:
-        """Whether this round's Rayleigh-Ritz has a residual test (polishing, below the cap)."""
-        return self.tol is not None and self.products < self.max_iters
+        """Whether this round's Rayleigh-Ritz has a residual test (polishing; at the cap too, so
+        that each result carries its residual: :attr:`EighBasis.residual`)."""
+        return self.tol is not None
 
     def ratios_on_device(self, theta: Tensor, w: Tensor) -> Tensor:
         """(running,) each matrix's worst wanted residual over ``tol * theta_1`` (on the device;
@@ -195,7 +200,14 @@ class SubspaceBatch:
         q, y = self.basis()
         wk = w[:, :, :self.k]
         resid = torch.bmm(y, wk) - torch.bmm(q, wk) * theta[:, None, :self.k]
-        return block_krylov.tolerance_ratio(resid.norm(dim=1), theta, self.tol)
+        return block_krylov.tolerance_ratio(resid.norm(dim=1), theta, self.tol, self.running_wanted(theta.device))
+
+    def running_wanted(self, device: torch.device) -> Optional[Tensor]:
+        """(running,) the residual test's pairs per running matrix (None: all ``k``), on ``device``
+        (built from a host list: a host-to-device copy, no synchronisation)."""
+        if self.wanted is None:
+            return None
+        return torch.tensor([self.wanted[i] for i in self.index], device=device)
 
     def finish(self, theta: Tensor, w: Tensor, ratios: Optional[Sequence[float]]) -> None:
         """Apply a Rayleigh-Ritz (``theta`` (running, n) descending, ``w`` (running, n, n) in its
@@ -204,7 +216,8 @@ class SubspaceBatch:
         the cap) finish; the others extend the same basis (a checkpoint inside the cycle) or
         start a new cycle, from ``orth(Y)`` (depth 1) or from their top ``b`` Ritz vectors."""
         at_cap = self.tol is None or self.products >= self.max_iters
-        done = [True] * self.running if at_cap or ratios is None else [float(r) <= 1.0 for r in ratios]
+        resid = [None] * self.running if ratios is None else [float(r) * self.tol for r in ratios]
+        done = [True] * self.running if at_cap else [float(r) <= 1.0 for r in ratios]
         q, y = self.basis()
         ritz = torch.bmm(q, w[:, :, :self.b])
         if any(done):
@@ -212,7 +225,8 @@ class SubspaceBatch:
             rows = fix_signs(ritz.mT.contiguous())
             for j, finished in enumerate(done):
                 if finished:
-                    self.results[self.index[j]] = EighBasis(vals[j, :self.k], rows[j, :self.k], rows[j], vals[j])
+                    self.results[self.index[j]] = EighBasis(vals[j, :self.k], rows[j, :self.k], rows[j], vals[j],
+                                                            resid[j])
         keep = [j for j, finished in enumerate(done) if not finished]
         if not keep:
             self.index, self.operand, self.covs, self.blocks, self.images, self.c, self.n = [], None, [], [], [], None, None
@@ -283,7 +297,7 @@ def _ritz_on_host(due: List[SubspaceBatch]) -> None:
                 ratios = None
                 if b.testing():
                     resid = block_krylov.residual_norms(theta, w, *terms, b.k)
-                    ratios = block_krylov.tolerance_ratio(resid, theta, b.tol).tolist()
+                    ratios = block_krylov.tolerance_ratio(resid, theta, b.tol, b.running_wanted(resid.device)).tolist()
                 answers.append((b, theta.to(b.dtype), w.to(b.dtype), ratios))
         for b, theta, w, ratios in answers:  # host to device: a copy each on a GPU, nothing on a CPU
             b.finish(theta.to(b.device), w.to(b.device), ratios)

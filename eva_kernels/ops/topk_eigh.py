@@ -48,6 +48,9 @@ class EighBasis(NamedTuple):
     eigenvectors: Tensor  # (k, d)
     basis: Tensor         # (b, d) all Ritz vectors, descending: pass as ``init`` next time
     ritz_values: Tensor   # (b,)
+    #: with ``tol``: the worst wanted residual ``max_i ||A v_i - theta_i v_i|| / theta_1`` at the
+    #: last test (``<= tol`` unless stopped at ``max_iters``); None without ``tol``
+    residual: Optional[float] = None
 
 
 def _gaussian(d: int, cols: int, like: Tensor, seed: int) -> Tensor:
@@ -122,7 +125,8 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
 
     Returns:
         ``EighResult(eigenvalues (k,) descending, eigenvectors (k, d))`` in cov's dtype, or
-        ``EighBasis`` with ``basis``/``ritz_values`` when ``return_basis``. Eigenvalues are
+        ``EighBasis`` with ``basis``/``ritz_values`` (and, with ``tol``, ``residual``: the worst
+        wanted residual relative to ``theta_1`` at the last test) when ``return_basis``. Eigenvalues are
         clamped at 0. When ``b == d`` the answer is computed exactly by ``torch.linalg.eigh``.
     """
     _check_args(cov, k, colsum, count, init, oversample, iters)
@@ -140,7 +144,7 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
         a_c = subtract_centering(full if reduce is None else reduce(full), eye, colsum, count)
         vals, vecs = torch.linalg.eigh(0.5 * (a_c + a_c.mT))
         vals, vecs = vals.flip(0), vecs.flip(1)
-        return _finish(vals, vecs, k, return_basis)
+        return _finish(vals, vecs, k, return_basis, None if tol is None else 0.0)  # exact
 
     operand = products.prepare(cov)
     q = _gaussian(d, b, cov, seed)
@@ -163,9 +167,9 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
             blocks.append(extend_basis(torch.cat(blocks, -1), y, method))
             continue
         basis, image = torch.cat(blocks, -1), torch.cat(images, -1)
-        vals, w, ratio = _ritz(basis, image, k, tol if done < limit else None)
+        vals, w, ratio = _ritz(basis, image, k, tol)  # at the cap too: the result says whether tol was met
         if tol is None or ratio <= 1.0 or done >= limit:
-            return _finish(vals[:b], basis @ w[:, :b], k, return_basis)
+            return _finish(vals[:b], basis @ w[:, :b], k, return_basis, None if tol is None else ratio * tol)
         if len(images) < depth:  # a checkpoint inside the cycle: the same basis grows
             blocks.append(extend_basis(basis, y, method))
             continue
@@ -198,9 +202,9 @@ def _ritz(q: Tensor, aq: Tensor, k: int, tol: Optional[float]):
     return theta, w, ratio
 
 
-def _finish(vals: Tensor, vecs: Tensor, k: int, return_basis: bool):
+def _finish(vals: Tensor, vecs: Tensor, k: int, return_basis: bool, residual: Optional[float] = None):
     vals = vals.clamp_min(0)
     rows = fix_signs(vecs.mT.contiguous())
     if return_basis:
-        return EighBasis(vals[:k], rows[:k], rows, vals)
+        return EighBasis(vals[:k], rows[:k], rows, vals, residual)
     return EighResult(vals[:k], rows[:k])

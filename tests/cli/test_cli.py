@@ -17,6 +17,7 @@ from eva.cli import main
 from eva.cli.plot import plot_ranks, rank_grid
 from eva.result import EvaStateDict, load_eva_state_dict
 from eva.cli.text_data import bundled_calibration_path, bundled_model_path, read_lines
+from eva_kernels import subspace_overlap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QV_LAYERS = [f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value")]
@@ -302,7 +303,8 @@ def test_plot_ranks_writes_png(tmp_path):
 # ------------------------------------------------------------------------- --memory-budget ---
 def test_init_with_a_memory_budget_runs_layer_sequentially(tmp_path, data_file, init_run):
     """MiniLM's query/value statistics (384 x 384 fp32 per layer) one encoder layer at a time:
-    the same ranks and components as the unbounded run on the same batches."""
+    the same ranks and components as the unbounded run on the same batches (each polished to
+    ``final_tol``; the unbounded run screens its polish, so they agree to that tolerance)."""
     out = tmp_path / "budget.safetensors"
     rc, stdout, stderr = call([
         "init", "--model", bundled_model_path(), "--data", str(data_file), "--rank", "2", "--batch-size", "4",
@@ -315,7 +317,8 @@ def test_init_with_a_memory_budget_runs_layer_sequentially(tmp_path, data_file, 
     assert sd.metadata["run"]["peak_statistics_bytes"] <= 10**6
     assert sd.ranks == ref.ranks
     for name in ref:
-        torch.testing.assert_close(sd[name], ref[name], rtol=1e-4, atol=1e-5)
+        assert float(subspace_overlap(sd[name].double(), ref[name].double())) >= 0.99999, name
+        torch.testing.assert_close(sd[name], ref[name], rtol=1e-3, atol=1e-4)
 
 
 def test_memory_budget_that_is_not_a_size_exits_2(data_file, capsys):

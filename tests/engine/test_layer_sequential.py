@@ -31,6 +31,10 @@ LLAMA_BLOCK = 3 * statistic_bytes(D, True) + statistic_bytes(DFF, True)
 
 
 def _run(model, batches, cfg, **kw):
+    """One run; the all-at-once references polish every component to ``final_tol`` as a
+    layer-sequential run does (``polish_screen_tol=None``), so that the two agree to rounding;
+    the screened polish is compared with the full one in ``test_polish_plan.py``."""
+    kw.setdefault("polish_screen_tol", None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "EVA stopped")
         return eva.get_eva_state_dict(model, batches, cfg, show_progress_bar=False, **kw)

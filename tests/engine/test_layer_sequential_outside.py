@@ -26,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:EVA stopped:UserWarning")
 
 
 def _run(model, batches, cfg, **kw):
+    kw.setdefault("polish_screen_tol", None)  # references polished like a layer-sequential run (see there)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "EVA stopped")
         return eva.get_eva_state_dict(model, batches, cfg, show_progress_bar=False, **kw)

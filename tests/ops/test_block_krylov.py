@@ -6,7 +6,8 @@
   stored fp32 vectors, and the ``M`` term is what lets fp32 polishes pass a 1e-5 tolerance;
 * ``topk_eigh`` / ``SubspaceBatch`` with ``tol``: every wanted residual within ``tol * theta_1``
   against the float64 eigenpairs, on a flat spectrum, with far fewer products than plain
-  subspace iteration (``krylov_depth=1``), on both Rayleigh-Ritz routes.
+  subspace iteration (``krylov_depth=1``), on both Rayleigh-Ritz routes; each result reports
+  its worst wanted residual (``EighBasis.residual``), converged or stopped at the cap.
 """
 from __future__ import annotations
 
@@ -162,3 +163,52 @@ def test_fp32_host_polish_passes_a_tolerance_below_the_sqrt_eps_floor():
         v, theta = res.eigenvectors.double().cpu(), res.eigenvalues.double().cpu()
         resid = (v @ a.double() - theta[:, None] * v).norm(dim=1)
         assert (resid <= 2 * tol * theta[0]).all(), resid / theta[0]
+
+
+def _direct_residual(res, a64, k):
+    v, theta = res.eigenvectors[:k].double().cpu(), res.eigenvalues[:k].double().cpu()
+    return float(((v @ a64 - theta[:, None] * v).norm(dim=1) / theta[0]).max())
+
+
+@pytest.mark.parametrize("route", ["topk_eigh", "device", "host"])
+@pytest.mark.parametrize("max_iters", [400, 3], ids=["converged", "at_the_cap"])
+def test_a_polish_reports_its_wanted_residual(route, max_iters):
+    """``EighBasis.residual``: the worst wanted residual relative to theta_1 at the last test (the
+    screened polish's margins), at most ``tol`` when converged, above it at the cap."""
+    g = torch.Generator().manual_seed(7)
+    d, k, tol = 300, 5, 1e-4
+    mats = [_flat(g, d, torch.float32) for _ in range(2)]
+    if route == "topk_eigh":
+        results = [topk_eigh(m[0].to(DEVICE), k, oversample=8, iters=1, seed=1, tol=tol, max_iters=max_iters,
+                             return_basis=True, backend="torch") for m in mats]
+        assert topk_eigh(mats[0][0].to(DEVICE), k, return_basis=True, backend="torch").residual is None  # no tol
+    else:
+        batch = SubspaceBatch([m[0].to(DEVICE) for m in mats], k, oversample=8, iters=1, seed=1,
+                              method="householder", tol=tol, max_iters=max_iters)
+        solve_batches([batch], route)
+        results = batch.results
+    for (a, _, _), res in zip(mats, results):
+        direct = _direct_residual(res, a.double(), k)
+        assert res.residual == pytest.approx(direct, rel=0.05, abs=2e-6)
+        assert (res.residual <= tol) == (max_iters == 400), res.residual
+
+
+@pytest.mark.parametrize("route", ["device", "host"])
+def test_wanted_pairs_limit_the_residual_test(route):
+    """``SubspaceBatch(wanted=...)``: the test covers only each matrix's first ``wanted`` pairs (a
+    screened polish); those meet ``tol``, the results still hold ``k`` pairs, and fewer wanted
+    pairs converge in fewer rounds."""
+    g = torch.Generator().manual_seed(8)
+    d, k, tol = 300, 8, 1e-4
+    mats = [_flat(g, d, torch.float32) for _ in range(2)]
+    rounds = {}
+    for wanted in (None, [2, 0]):
+        batch = SubspaceBatch([m[0].to(DEVICE) for m in mats], k, oversample=8, iters=1, seed=1,
+                              method="householder", tol=tol, max_iters=400, wanted=wanted)
+        rounds[str(wanted)] = solve_batches([batch], route)
+        for j, ((a, lam, vecs), res) in enumerate(zip(mats, batch.results)):
+            n = k if wanted is None else wanted[j]
+            assert res.eigenvalues.shape == (k,) and res.residual <= tol
+            if n:
+                assert _direct_residual(res, a.double(), n) <= tol * 1.05
+    assert rounds["[2, 0]"] < rounds["None"], rounds
