@@ -112,7 +112,7 @@ def main(argv=None):
                     row.update(batched(a, init, args, depth, timer, repeats))
                 rows.append(row)
                 print(" ".join(f"{k}={harness.fmt(v)}" for k, v in row.items()), flush=True)
-            del a
+            a = None  # free the matrix before the next width (the closures above are done with it)
             timer.free()
     env = harness.environment(dev)
     out = args.out or harness.default_out("polish", dev, partial=args.quick or args.dry_run)

@@ -309,7 +309,7 @@ class Engine:
             out["topk_eigh"] = self.solver.backend.name
             if self.solver.batched:
                 out["topk_eigh_batched"] = "torch"  # streaming solves and polish of groups sharing a shape
-                out["small_eigh"] = self.solver.rayleigh_ritz  # where their (b, b) eigenproblems ran
+                out["small_eigh"] = ",".join(self.solver.small_eigh_used) or self.solver.rayleigh_ritz  # (b, b) eighs
                 out["batched_products"] = ",".join(self.solver.products_used) or None  # how A Q was computed
         return out
 

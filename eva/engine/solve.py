@@ -92,6 +92,8 @@ class Solver:
         self.krylov_depth = eva_kernels.krylov_depth_for(device_type, opts.final_krylov_depth)
         #: how the batched solves' products ran ("mirror", "upper"; with a fallback's reason)
         self.products_used: Dict[str, None] = {}
+        #: where their small eigenproblems ran (the resolved route; with a fallback's reason)
+        self.small_eigh_used: Dict[str, None] = {}
 
     def solve_all(self, groups: List[GroupState], step: int) -> None:
         """Streaming solves of ``groups`` at ``step``: batched (every width together, one
@@ -159,6 +161,11 @@ class Solver:
         for p in plans:
             op = p[1].operand_used
             self.products_used[op.kind if op.fallback is None else f"mirror (upper fell back: {op.fallback})"] = None
+            if p[1].ritz_fallback is not None:
+                self.small_eigh_used[f"host (device eigh fell back: {p[1].ritz_fallback})"] = None
+                self.rayleigh_ritz = "host"  # the next steps go straight to the host
+            else:
+                self.small_eigh_used[self.rayleigh_ritz] = None
         for members, batch, diag, colsum, count in plans:
             self._record_batch(members, batch.results, diag, colsum, count, final=final)
         return rounds

@@ -103,6 +103,8 @@ class SubspaceBatch:
         self.covs = list(covs)
         self.operand = batch_operand(covs, products)  # the running matrices' products
         self.operand_used = self.operand  # what ran (kept when the batch finishes; see :meth:`_product`)
+        #: why :func:`solve_batches` moved this batch's small eigenproblems to the host (None: it did not)
+        self.ritz_fallback: Optional[str] = None
         self._checked = self.operand.kind == "mirror"  # an "upper" operand's first launch may fall back
         self.c = self.n = None
         if colsums is not None:
@@ -306,15 +308,35 @@ def _ritz_on_host(due: List[SubspaceBatch]) -> None:
 def solve_batches(batches: Sequence[SubspaceBatch], rayleigh_ritz: str = "device") -> int:
     """Run every batch to completion in rounds (one product per running matrix each); the
     Rayleigh-Ritz of a round is solved for all batches together (module docstring). Returns the
-    number of rounds."""
+    number of rounds.
+
+    When ``torch.linalg.eigh`` fails on the device for finite matrices (a CUDA or cuSOLVER
+    version that cannot run it), the round and the rest go to the host route, with a warning,
+    and every batch records why (:attr:`SubspaceBatch.ritz_fallback`). Non-finite matrices
+    re-raise the error (the caller names the layers)."""
     if rayleigh_ritz not in RAYLEIGH_RITZ:
         raise ValueError(f"rayleigh_ritz must be one of {RAYLEIGH_RITZ}, got {rayleigh_ritz!r}")
-    rounds = 0
+    rounds, route = 0, rayleigh_ritz
     while True:
         live = [b for b in batches if b.running]
         if not live:
             return rounds
         due = [b for b in live if b.advance()]
         rounds += 1
-        if due:
-            (_ritz_on_host if rayleigh_ritz == "host" else _ritz_on_device)(due)
+        if not due:
+            continue
+        if route == "host":
+            _ritz_on_host(due)
+            continue
+        try:
+            _ritz_on_device(due)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError too; nothing was applied yet
+            if not all(bool(torch.isfinite(b.projected(b.dtype)).all()) for b in due):
+                raise  # NaN/Inf: the caller names the layers
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            warnings.warn(f"eva_kernels: the small eigenproblems failed on the device ({reason}); solving them on "
+                          "the host from now on (rayleigh_ritz='host')")
+            for b in batches:
+                b.ritz_fallback = reason
+            route = "host"
+            _ritz_on_host(due)

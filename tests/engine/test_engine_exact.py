@@ -99,6 +99,26 @@ def test_batched_products_that_cannot_run_fall_back_and_say_so(tiny_llama, token
     assert used.startswith("mirror (upper fell back: RuntimeError: no kernel image"), used
 
 
+def test_device_small_eigh_that_fails_falls_back_to_the_host_and_says_so(tiny_llama, token_spy, monkeypatch):
+    """Batched solves whose device ``eigh`` cannot run (a cuSOLVER without the batched routine):
+    the run goes on with the host route, warns, and the metadata names the fallback."""
+    real_eigh = torch.linalg.eigh
+
+    def failing(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise RuntimeError("cusolver error: CUSOLVER_STATUS_NOT_SUPPORTED")
+        return real_eigh(a, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    batches = random_token_batches(tiny_llama.config.vocab_size, 3, batch=4, seq=15)
+    cfg = lora_config(["q_proj", "o_proj", "down_proj"], r=4, tau=1.0)
+    with pytest.warns(UserWarning, match="failed on the device"):
+        sd = eva.get_eva_state_dict(tiny_llama, batches, cfg, show_progress_bar=False, observers=[token_spy],
+                                    batch_solves=True, rayleigh_ritz="device")
+    check_against_exact(sd, token_spy, min_overlap=0.9999)
+    used = sd.metadata["run"]["backends"]["small_eigh"]
+    assert used.startswith("host (device eigh fell back: RuntimeError: cusolver error"), used
+
+
 def test_llama_groups_and_exact(tiny_llama, token_spy):
     batches = random_token_batches(tiny_llama.config.vocab_size, 5, batch=4, seq=15)
     cfg = lora_config(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4)

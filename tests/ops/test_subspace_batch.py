@@ -121,3 +121,36 @@ def test_one_sync_per_round_for_every_width(rayleigh_ritz):
 def test_rayleigh_ritz_is_checked():
     with pytest.raises(ValueError, match="rayleigh_ritz must be one of"):
         solve_batches(_batches(_case(6)), "gpu")
+
+
+def test_device_eigh_that_fails_falls_back_to_the_host(monkeypatch):
+    """A CUDA / cuSOLVER that cannot run the batched ``eigh``: the round goes to the host route,
+    with a warning and the reason on every batch, and the answers equal the host route's."""
+    case = _case(2)
+    reference = _batches(case)
+    solve_batches(reference, "host")
+    real_eigh = torch.linalg.eigh
+
+    def failing(a, *args, **kwargs):
+        if a.dtype == torch.float32:  # the device route (fp32 statistics); the host route is float64
+            raise RuntimeError("cusolver error: CUSOLVER_STATUS_NOT_SUPPORTED, when calling `syevjBatched`")
+        return real_eigh(a, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    batches = _batches(case)
+    with pytest.warns(UserWarning, match=r"failed on the device \(RuntimeError: cusolver error"):
+        solve_batches(batches, "device")
+    for ref, got in zip(reference, batches):
+        assert got.ritz_fallback.startswith("RuntimeError: cusolver error")
+        for a, b in zip(ref.results, got.results):
+            assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
+
+
+def test_device_eigh_failing_on_non_finite_matrices_is_not_a_fallback(monkeypatch):
+    case = _case(3)
+    case[0][0][1][0, 0] = float("nan")
+
+    def failing(a, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.raises(torch.linalg.LinAlgError, match="failed to converge"):
+        solve_batches(_batches(case), "device")
