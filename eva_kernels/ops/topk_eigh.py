@@ -147,10 +147,12 @@ def topk_eigh(cov: Tensor, k: int, *, colsum: Optional[Tensor] = None, count=Non
         return _finish(vals, vecs, k, return_basis, None if tol is None else 0.0)  # exact
 
     operand = products.prepare(cov)
-    q = _gaussian(d, b, cov, seed)
-    if init is not None:
-        m = min(init.shape[0], b)
-        q[:, :m] = init[:m].to(dtype).mT
+    if init is not None and init.shape[0] >= b:  # the warm start fills the block: no Gaussian columns
+        q = init[:b].to(dtype).mT.contiguous()
+    else:
+        q = _gaussian(d, b, cov, seed)
+        if init is not None:
+            q[:, :init.shape[0]] = init.to(dtype).mT
     q = orthonormalize(q, method)
     first = max(iters, 1)
     limit = first if tol is None else max(max_iters, first)
