@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import eva_kernels
+from eva_kernels.transfer import from_values
 
 from ..distributed import Traffic, global_mean, masked_sum_and_count
 from .variance_floor import resolution
@@ -133,6 +134,6 @@ def variance_terms_batched(centered: bool, diag: Tensor, colsum: Tensor, count: 
     if len(set(res)) == 1:  # the usual case: a Python scalar, no host-to-device copy
         floor = res[0] * raw
     else:
-        floor = torch.tensor(res, dtype=torch.float64, device=acc.device)[:, None] * raw
+        floor = from_values(res, torch.float64, acc.device)[:, None] * raw  # no host sync on CUDA
     above = (var > floor).sum(-1).to(torch.float64)
     return torch.stack([var.sum(-1), acc.sum(-1), above], dim=-1)

@@ -38,6 +38,7 @@ from torch import Tensor
 from .. import block_krylov
 from ..block_krylov import extend_basis, is_checkpoint, krylov_depth_for, usable_depth
 from ..linalg import orthonormalize
+from ..transfer import from_values, to_device
 from ..subspace import fix_signs
 from .batch_operand import MirroredStack, batch_operand, subtract_centring, symmetric_stack
 from .topk_eigh import EighBasis
@@ -209,7 +210,7 @@ class SubspaceBatch:
         (built from a host list: a host-to-device copy, no synchronisation)."""
         if self.wanted is None:
             return None
-        return torch.tensor([self.wanted[i] for i in self.index], device=device)
+        return from_values([self.wanted[i] for i in self.index], torch.int64, device)
 
     def finish(self, theta: Tensor, w: Tensor, ratios: Optional[Sequence[float]]) -> None:
         """Apply a Rayleigh-Ritz (``theta`` (running, n) descending, ``w`` (running, n, n) in its
@@ -236,7 +237,7 @@ class SubspaceBatch:
         grow = len(self.images) < self.depth  # a checkpoint inside the cycle: the same basis grows
         start = q if grow else (y if self.depth == 1 else ritz)
         if len(keep) < len(done):  # compact once per round in which some finish
-            sel = torch.tensor(keep, device=start.device)
+            sel = from_values(keep, torch.int64, start.device)
             self.operand, start = self.operand.select(keep, sel), start.index_select(0, sel)
             if grow:
                 self.images = [im.index_select(0, sel) for im in self.images]
@@ -301,8 +302,8 @@ def _ritz_on_host(due: List[SubspaceBatch]) -> None:
                     resid = block_krylov.residual_norms(theta, w, *terms, b.k)
                     ratios = block_krylov.tolerance_ratio(resid, theta, b.tol, b.running_wanted(resid.device)).tolist()
                 answers.append((b, theta.to(b.dtype), w.to(b.dtype), ratios))
-        for b, theta, w, ratios in answers:  # host to device: a copy each on a GPU, nothing on a CPU
-            b.finish(theta.to(b.device), w.to(b.device), ratios)
+        for b, theta, w, ratios in answers:  # host to device: a queued copy each on a GPU, nothing on a CPU
+            b.finish(to_device(theta, b.device), to_device(w, b.device), ratios)
 
 
 def solve_batches(batches: Sequence[SubspaceBatch], rayleigh_ritz: str = "device") -> int:

@@ -1,5 +1,6 @@
 """What only the ``triton`` backend has: its mirror kernel, its fp32-only fused product (other
-dtypes go through torch), and the reasons it gives when it cannot run.
+dtypes go through torch), its in-place products for ``topk_eigh`` (fp32 statistics are not
+copied per solve), and the reasons it gives when it cannot run.
 
 Accuracy on the common grids is in tests/ops/ (parametrised over every backend).
 """
@@ -27,12 +28,37 @@ def products():
 @pytest.mark.parametrize("d", [1, 37, 70], ids=lambda v: f"d{v}")
 @pytest.mark.parametrize("mark", TRITON_MARKS[:1])
 def test_mirror_kernel_is_exact(products, d, dtype, mark):
+    from eva_kernels.backends.triton.eigen_steps import symmetrize
     g = torch.Generator().manual_seed(d)
     cov = torch.randn(d, d, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
     lower = torch.tril(torch.ones(d, d, dtype=torch.bool, device=DEVICE), -1)
-    out = products.prepare(cov.masked_fill(lower, float("nan")))  # the lower triangle is never read
+    out = symmetrize(cov.masked_fill(lower, float("nan")))  # the lower triangle is never read
     assert out.dtype == dtype and out.shape == (d, d)
     torch.testing.assert_close(out, sym_from_upper(cov), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("centred", [False, True], ids=["raw", "centred"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mark", TRITON_MARKS[:1])
+def test_topk_eigh_products_read_fp32_statistics_in_place(products, dtype, centred, mark):
+    """fp32 statistics are not copied per solve (the in-place kernel through a one-entry address
+    table); fp64 ones are mirrored. Either way the product ignores the lower triangle."""
+    from eva_kernels.backends.triton.upper_bmm import InPlaceOperand
+    g = torch.Generator().manual_seed(5)
+    d, b = 45, 7
+    full = torch.randn(d, d, generator=g, dtype=torch.float64)
+    full = full + full.T
+    lower = torch.tril(torch.ones(d, d, dtype=torch.bool), -1)
+    stored = full.masked_fill(lower, float("nan")).to(dtype).to(DEVICE)
+    q = torch.randn(d, b, generator=g, dtype=torch.float64)
+    c = torch.randn(d, generator=g, dtype=torch.float64) if centred else None
+    n = torch.tensor(9.0, dtype=torch.float64)
+    op = products.prepare(stored)
+    assert isinstance(op, InPlaceOperand) == (dtype == torch.float32)
+    y = products.matmul(op, q.to(dtype).to(DEVICE), None if c is None else c.to(dtype).to(DEVICE),
+                        None if c is None else n.to(DEVICE))
+    ref = full @ q - (torch.outer(c, c) @ q / n if centred else 0)
+    assert (y.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_unavailable_message_is_clear():

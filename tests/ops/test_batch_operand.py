@@ -181,3 +181,26 @@ def test_products_option_is_resolved_and_checked():
 def test_symmetric_stack_is_still_importable_from_its_old_place():
     from eva_kernels.ops.subspace_batch import symmetric_stack
     assert symmetric_stack is batch_operand.symmetric_stack
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA stream synchronisations")
+def test_a_streaming_solve_synchronises_once_on_cuda():
+    """On CUDA a streaming solve of several statistics (in-place products, CholeskyQR3, the small
+    eigenproblems on the host) synchronises the host once: the transfer of the round's small
+    matrices. The address table and the Ritz coefficients travel host-to-device through pinned
+    memory (:mod:`eva_kernels.transfer`), which ``torch.cuda.set_sync_debug_mode`` would flag
+    otherwise."""
+    import warnings
+    g = torch.Generator().manual_seed(9)
+    covs = [_stored(g, 96)[1].cuda() for _ in range(3)]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            batch = SubspaceBatch(covs, 4, oversample=4, iters=2, seed=0, method="cholesky_qr3", products="upper")
+            solve_batches([batch], "host")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, syncs

@@ -21,13 +21,14 @@ from ..._registry import Backend, EigenProducts, register_backend
 from .config import FP32_DOT_PRECISION, INTERPRET, why_not
 from .cov_update_kernel import cov_update_triton
 from .eigen_steps import operator_matmul, symmetrize
+from .upper_bmm import in_place_operator_matmul, prepare_in_place
 
 TRITON = Backend(
     name="triton",
     priority={"cuda": 30},
     why_not=why_not,
     cov_update=torch.compiler.disable(cov_update_triton),
-    topk_eigh=EigenProducts(prepare=symmetrize, matmul=torch.compiler.disable(operator_matmul)),
+    topk_eigh=EigenProducts(prepare=prepare_in_place, matmul=torch.compiler.disable(in_place_operator_matmul)),
     info={"fp32_dot": FP32_DOT_PRECISION, "interpreter": str(INTERPRET)},
 )
 register_backend(TRITON)

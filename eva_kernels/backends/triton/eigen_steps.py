@@ -1,6 +1,8 @@
 """Heavy steps of :func:`eva_kernels.topk_eigh` for the ``triton`` backend.
 
-The ``triton`` :class:`eva_kernels.EigenProducts`:
+The ``triton`` :class:`eva_kernels.EigenProducts` reads fp32 statistics in place
+(:func:`.upper_bmm.prepare_in_place`, :func:`.upper_bmm.in_place_operator_matmul`); for other
+dtypes it falls back to the two kernels here:
 
 * ``symmetrize(cov) -> (d, d)``: full symmetric matrix from the upper triangle (Triton mirror
   kernel for fp32/fp64, one read of each element, one write).

@@ -20,14 +20,16 @@ fp32-accurate products on tensor cores).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...transfer import from_values
 from .config import FP32_DOT_PRECISION, INTERPRET, centred_variant_pruner
+from .eigen_steps import operator_matmul, symmetrize
 
 #: The configs autotuning may pick on a GPU (compiled for sm_80 and sm_90 by the compile check).
 #: ``BLOCK_N`` at or above the block ``b`` (40 at r = 16, rho = 2) reads each matrix once per product.
@@ -121,7 +123,7 @@ def supports(covs: Sequence[Tensor]) -> bool:
 
 def addresses(covs: Sequence[Tensor]) -> Tensor:
     """(G,) int64 address table of ``covs`` on their device (the caller keeps ``covs`` alive)."""
-    return torch.tensor([c.data_ptr() for c in covs], dtype=torch.int64).to(covs[0].device)
+    return from_values([c.data_ptr() for c in covs], torch.int64, covs[0].device)  # no host sync on CUDA
 
 
 def upper_bmm(addr: Tensor, d: int, q: Tensor, colsum: Optional[Tensor] = None,
@@ -158,3 +160,34 @@ def upper_bmm(addr: Tensor, d: int, q: Tensor, colsum: Optional[Tensor] = None,
                                 y.stride(0), y.stride(1), y.stride(2),
                                 HAS_C=has_c, FP32_PRECISION=FP32_DOT_PRECISION)
     return y
+
+
+class InPlaceOperand(NamedTuple):
+    """One statistic read in place by :func:`upper_bmm` (the ``triton`` backend's ``topk_eigh``
+    operand): the (d, d) fp32 matrix and its (1,) address table."""
+    cov: Tensor
+    addr: Tensor
+
+
+def prepare_in_place(cov: Tensor):
+    """``EigenProducts.prepare`` of the ``triton`` backend: an fp32 contiguous statistic is read
+    in place (:class:`InPlaceOperand`, no d x d copy per solve); other dtypes are mirrored
+    (:func:`.eigen_steps.symmetrize`)."""
+    if supports([cov]):
+        return InPlaceOperand(cov, addresses([cov]))
+    return symmetrize(cov)
+
+
+def in_place_operator_matmul(op, q: Tensor, colsum: Optional[Tensor], count) -> Tensor:
+    """``EigenProducts.matmul`` of the ``triton`` backend: ``(sym(C) - c c^T / n) q`` (d, b), one
+    :func:`upper_bmm` launch for an :class:`InPlaceOperand` and fp32 ``q``; otherwise
+    :func:`.eigen_steps.operator_matmul` on the mirrored matrix."""
+    if not isinstance(op, InPlaceOperand):
+        return operator_matmul(op, q, colsum, count)
+    if q.dtype != torch.float32 or q.dim() != 2:
+        return operator_matmul(symmetrize(op.cov), q, colsum, count)
+    c = n = None
+    if colsum is not None:
+        c = colsum.reshape(1, -1)
+        n = (count if isinstance(count, Tensor) else torch.tensor(float(count))).reshape(1)
+    return upper_bmm(op.addr, op.cov.shape[0], q.unsqueeze(0), c, n)[0]
