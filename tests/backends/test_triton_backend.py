@@ -11,7 +11,7 @@ import torch
 
 import eva_kernels
 from eva_kernels.linalg import sym_from_upper
-from helpers import DEVICE, TRITON_MARKS
+from helpers import DEVICE, TRITON_MARKS, UPPER_BMM_MARKS
 
 triton_leaf = pytest.importorskip("eva_kernels.backends.triton")
 
@@ -37,6 +37,7 @@ def test_mirror_kernel_is_exact(products, d, dtype, mark):
     torch.testing.assert_close(out, sym_from_upper(cov), rtol=0, atol=0)
 
 
+@UPPER_BMM_MARKS[-1]
 @pytest.mark.parametrize("centred", [False, True], ids=["raw", "centred"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("mark", TRITON_MARKS[:1])

@@ -9,7 +9,7 @@ from peft.tuners.lora.config import EvaConfig
 import eva
 from eva.testing import check_against_exact
 from eva_kernels.testing import exact_pca
-from helpers import TRITON_MARKS, random_token_batches
+from helpers import UPPER_BMM_MARKS, random_token_batches
 
 QKVD = ["query", "key", "value", "dense"]
 
@@ -68,7 +68,7 @@ def test_gpt2_conv1d_matches_exact_pca(tiny_gpt2, token_spy):
     assert sd.metadata["layers"]["h.0.attn.c_attn"]["tokens"] <= kept
 
 
-@pytest.mark.parametrize("products", ["mirror", pytest.param("upper", marks=TRITON_MARKS)])
+@pytest.mark.parametrize("products", ["mirror", pytest.param("upper", marks=UPPER_BMM_MARKS)])
 def test_batched_products_keep_the_exact_pca(tiny_llama, token_spy, products):
     """Batched solves whose products read the statistics in place (the Triton kernel, no d x d
     copy per step; the CUDA default) or from symmetric copies: the same exact-PCA result, and

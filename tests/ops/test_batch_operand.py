@@ -12,9 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from eva_kernels import SubspaceBatch, resolve_products, solve_batches, subspace_overlap
 from eva_kernels.ops import batch_operand
-from helpers import DEVICE, TRITON_MARKS
+from helpers import DEVICE, UPPER_BMM_MARKS
 
-pytestmark = TRITON_MARKS
+pytestmark = UPPER_BMM_MARKS
 
 
 def _stored(g, d, decay=0.9):

@@ -115,10 +115,27 @@ def _upper_bmm_kernel(addr_ptr, q_ptr, c_ptr, n_ptr, y_ptr, d, b,
     tl.store(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+def _runnable() -> bool:
+    """Compiled: always. Interpreted: Triton >= 3.9, or NumPy < 2 (Triton 3.6's interpreter keeps
+    scalars as size-1 NumPy arrays, which NumPy 2 refuses to turn into the ints that loop bounds
+    computed from ``tl.program_id`` need; measured with ``make test-torch-matrix``)."""
+    if not INTERPRET:
+        return True
+    import numpy
+    triton_v = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    return triton_v >= (3, 9) or int(numpy.__version__.split(".")[0]) < 2
+
+
+#: Whether the kernel can run here (:func:`_runnable`); when not, ``supports`` is False and the
+#: callers take the mirror path.
+RUNNABLE = _runnable()
+
+
 def supports(covs: Sequence[Tensor]) -> bool:
-    """Whether :func:`upper_bmm` takes these statistics: fp32, square, row-major contiguous."""
-    return all(c.dtype == torch.float32 and c.dim() == 2 and c.shape[0] == c.shape[1] and c.is_contiguous()
-               for c in covs)
+    """Whether :func:`upper_bmm` takes these statistics: fp32, square, row-major contiguous (and
+    the kernel can run here, :data:`RUNNABLE`)."""
+    return RUNNABLE and all(c.dtype == torch.float32 and c.dim() == 2 and c.shape[0] == c.shape[1]
+                            and c.is_contiguous() for c in covs)
 
 
 def addresses(covs: Sequence[Tensor]) -> Tensor:
