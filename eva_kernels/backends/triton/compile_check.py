@@ -11,8 +11,10 @@ fails (exit code 1) when
   launched, or why it never is);
 * a case does not compile, lacks the tensor-core instructions its variant is meant to use
   (``Variant.mma``), spills registers, or needs more shared memory than the target has
-  (sm_80: 163 KiB, sm_90: 227 KiB per block), unless it is listed in ``launches.EXCLUDED`` with
-  its reason (the autotuners prune those at run time).
+  (sm_80: 163 KiB, sm_90: 227 KiB per block), unless it is listed with its reason in the
+  running Triton's exclusion table (``launches.exclusions()``: ``EXCLUDED`` for CI's Triton,
+  ``EXCLUDED_BY_TRITON`` for others, measured by ``make test-torch-matrix``; the autotuners
+  prune those at run time).
 
 Must run without ``TRITON_INTERPRET=1`` (the kernels must be compiled, not interpreted); ``make
 test`` runs it that way before the test suite. Compiled kernels are cached by Triton
@@ -171,7 +173,7 @@ def run(sms: List[int], jobs: int) -> int:
             status = f"FAIL: {problem}"
             failures += 1
         elif reason:
-            status = f"ok, but listed as excluded ({reason}): remove it from EXCLUDED"
+            status = f"ok, but listed as excluded ({reason}): remove it from this Triton's table (launches.exclusions)"
             failures += 1
         else:
             status = "ok"
