@@ -135,3 +135,14 @@ def test_shifted_16bit_input_takes_the_bf16_split(dtype, masked, mark):
     assert_close(colsum.cpu(), spec_sum, rtol=1e-5, atol_scale=1e-6, msg="column sums (exact fp32 y)")
     # the split is what ran: it differs from the exact product by more than fp32 rounding
     assert float((split - spec_cov)[upper].abs().max()) > 0
+
+
+def test_compile_check_reports_the_tensor_core_shapes():
+    """The compile check names the MMA instruction shape of every case (a regression to narrow
+    wgmma tiles on sm_90 shows in CI's report)."""
+    from eva_kernels.backends.triton.compile_check import _mma_shapes
+    sm90 = ("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};")
+    assert _mma_shapes(sm90) == "wgmma m64n64k16,m64n128k16"
+    assert _mma_shapes("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {...};") == "mma m16n8k8"
+    assert _mma_shapes("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"

@@ -34,7 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 #: Shared memory one block may use (the opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-_BACKEND_MODULES = ("config", "cov_update_kernel", "eigen_steps")
+_BACKEND_MODULES = ("config", "cov_update_kernel", "eigen_steps", "upper_bmm")
 
 
 class Report(NamedTuple):
@@ -48,6 +48,7 @@ class Report(NamedTuple):
     seconds: float
     error: Optional[str]
     missing_mma: Optional[str] = None  # expected tensor-core operand type absent from the PTX
+    mma_shapes: str = ""  # the tensor-core instruction shapes in the PTX (e.g. "wgmma m64n64k8")
 
     def problem(self) -> Optional[str]:
         """Why this case fails the check (None when it passes)."""
@@ -89,6 +90,16 @@ def _resources(ptx: str, sm: int) -> Tuple[int, int]:
     return regs, spills
 
 
+def _mma_shapes(ptx: str) -> str:
+    """The tensor-core instruction shapes of ``ptx``: ``wgmma m64nNkK`` (sm_90's warpgroup MMAs,
+    whose ``N`` is the tile width a warpgroup feeds) or ``mma mMnNkK`` (sm_80's); "-" for none."""
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async[.\w]*?\.(m\d+n\d+k\d+)", ptx)), key=len)
+    if wgmma:
+        return "wgmma " + ",".join(wgmma)
+    mma = sorted(set(re.findall(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    return "mma " + ",".join(mma) if mma else "-"
+
+
 def _has_mma(ptx: str, operand: str) -> bool:
     """Whether ``ptx`` multiplies ``operand``-typed tiles on tensor cores (mma.sync or wgmma)."""
     return re.search(rf"\b(?:mma\.sync|wgmma\.mma_async)[.\w]*\.{operand}\.{operand}\b", ptx) is not None
@@ -119,11 +130,13 @@ def _compile_case(args) -> Report:
         regs, spills = _resources(ptx, sm)
         smem, error = int(compiled.metadata.shared), None
         missing = variant.mma if variant.mma and not _has_mma(ptx, variant.mma) else None
+        shapes = _mma_shapes(ptx)
     except Exception as exc:  # noqa: BLE001 - reported as this case's failure
         regs = spills = smem = missing = None
+        shapes = ""
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return Report(launch.name, variant.label, config_label(cfg), sm, regs, spills, smem,
-                  time.perf_counter() - t0, error, missing)
+                  time.perf_counter() - t0, error, missing, shapes)
 
 
 def _jit_functions() -> Dict[str, object]:
@@ -162,7 +175,8 @@ def run(sms: List[int], jobs: int) -> int:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         reports = list(pool.map(_compile_case, cases))
-    print(f"{'kernel':<24} {'sm':>3} {'variant':<18} {'config':<42} {'regs':>4} {'spill':>6} {'smem KiB':>8}  status")
+    print(f"{'kernel':<24} {'sm':>3} {'variant':<18} {'config':<42} {'regs':>4} {'spill':>6} {'smem KiB':>8}  "
+          f"{'tensor cores':<22} status")
     for (li, vi, ci, sm), r in zip(cases, reports):
         launch = LAUNCHES[li]
         problem = r.problem()
@@ -179,7 +193,7 @@ def run(sms: List[int], jobs: int) -> int:
             status = "ok"
         smem = "-" if r.smem is None else f"{r.smem / 1024:.0f}"
         print(f"{r.kernel:<24} {sm:>3} {r.variant:<18} {r.config:<42} {r.regs if r.regs is not None else '-':>4} "
-              f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} {smem:>8}  {status}")
+              f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} {smem:>8}  {r.mma_shapes or '-':<22} {status}")
     print(f"compile check: {len(cases)} cases for sm_{', sm_'.join(map(str, sms))} in "
           f"{time.perf_counter() - t0:.0f} s, {failures} failure(s)")
     return failures
