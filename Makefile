@@ -51,7 +51,7 @@ test: install nvcc-check triton-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
 
 # The extension and the op tests against other torch/Triton versions, each in its own venv under
-# /tmp/eva-torch-matrix (not in CI: multi-GB downloads). TORCH_VERSIONS="2.11.0 2.13.0" by default.
+# /tmp/eva-torch-matrix (not in CI: multi-GB downloads). TORCH_VERSIONS="2.4.0 2.11.0 2.13.0 2.14.1" by default.
 test-torch-matrix:
 	bash tools/torch_matrix.sh
 

@@ -14,19 +14,22 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 #: Device of the kernel tests: CUDA when present, else CPU (Triton then needs the interpreter).
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-TRITON_MARKS = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
-]
-
-
 def _triton_version() -> tuple:
     try:
         import triton
     except ImportError:
         return (0, 0)
     return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+#: The oldest Triton the kernels support (eva_kernels.backends.triton.config.MIN_TRITON).
+MIN_TRITON = (3, 6)
+TRITON_MARKS = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(_triton_version() < MIN_TRITON, reason="Triton older than 3.6: the backend refuses to run"),
+]
 
 
 def _upper_bmm_runnable() -> bool:

@@ -80,7 +80,12 @@ def check_cov_update_args(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional
             raise ValueError(f"cov_update: {name} is on {dev} but x is on {x.device}; move them to one device")
 
 
-@torch.library.custom_op("eva_kernels::cov_update", mutates_args=("cov", "colsum"))
+#: The op's schema, written out: torch < 2.5 cannot infer one from this module's string
+#: annotations (``from __future__ import annotations``), and the C++ kernels register into it.
+COV_UPDATE_SCHEMA = "(Tensor(a0!) cov, Tensor(a1!) colsum, Tensor x, Tensor? mask, Tensor? shift) -> Tensor"
+
+
+@torch.library.custom_op("eva_kernels::cov_update", mutates_args=("cov", "colsum"), schema=COV_UPDATE_SCHEMA)
 def cov_update_op(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor],
                   shift: Optional[Tensor]) -> Tensor:
     """The dispatcher op: compiled kernel where the extension provides one, else ``torch``."""

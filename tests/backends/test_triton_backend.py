@@ -66,7 +66,8 @@ def test_unavailable_message_is_clear():
     assert triton_leaf.why_not("mps") is not None
     msg = triton_leaf.why_not("cpu")
     if msg is not None:
-        assert "TRITON_INTERPRET=1" in msg
+        from eva_kernels.backends.triton.config import MIN_TRITON, TRITON_VERSION
+        assert ("TRITON_INTERPRET=1" in msg) if TRITON_VERSION >= MIN_TRITON else ("older than 3.6" in msg)
     assert eva_kernels.get_backend("triton").priority == {"cuda": 30}  # never auto on CPU
 
 
@@ -146,3 +147,19 @@ def test_compile_check_reports_the_tensor_core_shapes():
     assert _mma_shapes(sm90) == "wgmma m64n64k16,m64n128k16"
     assert _mma_shapes("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {...};") == "mma m16n8k8"
     assert _mma_shapes("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"
+
+
+def test_too_old_triton_is_refused_with_the_fix(monkeypatch):
+    """Triton older than the oldest tested (torch 2.4 ships 3.0, which cannot build the kernels):
+    the backend says so and names the fix, ``auto`` passes it over, and the named alternatives run."""
+    from eva_kernels.backends.triton import config as triton_config
+    monkeypatch.setattr(triton_config, "TRITON_VERSION", (3, 0))
+    msg = triton_leaf.why_not("cuda")
+    assert "older than 3.6" in msg and "pip install 'triton>=3.6'" in msg and "backend='cpp' or 'torch'" in msg
+    with pytest.raises(eva_kernels.BackendUnavailableError, match="older than 3.6"):
+        eva_kernels.cov_update(torch.zeros(3, 3), torch.zeros(3), torch.randn(4, 3), backend="triton")
+    assert eva_kernels.resolve_backend("cov_update", "cpu", "auto").name != "triton"
+    cov, colsum = torch.zeros(3, 3), torch.zeros(3)
+    x = torch.randn(4, 3)
+    assert int(eva_kernels.cov_update(cov, colsum, x, backend="torch")) == 4  # the fix the message names
+    torch.testing.assert_close(torch.triu(cov), torch.triu(x.T @ x))

@@ -48,8 +48,18 @@ if FP32_DOT_PRECISION not in ("ieee", "tf32", "tf32x3"):
 SPLIT_NATIVE: bool = not INTERPRET
 
 
+#: The oldest Triton the kernels are tested with (``make test-torch-matrix``: 3.6 with torch 2.11,
+#: 3.9 with torch 2.13). Triton 3.0 (torch 2.4) cannot build them (``tl.arange`` bounds).
+MIN_TRITON = (3, 6)
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 def why_not(device_type: str) -> Optional[str]:
     """``None`` when the Triton kernels can run on tensors of ``device_type``, else why not."""
+    if TRITON_VERSION < MIN_TRITON:
+        return (f"Triton {triton.__version__} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest these "
+                f"kernels are tested with; upgrade it (pip install 'triton>={MIN_TRITON[0]}.{MIN_TRITON[1]}', "
+                "which needs a torch that accepts it) or use backend='cpp' or 'torch'")
     if device_type == "cuda":
         if INTERPRET or torch.cuda.is_available():
             return None

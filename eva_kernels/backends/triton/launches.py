@@ -168,6 +168,14 @@ EXCLUDED_BY_TRITON: Dict[Tuple[int, int], Dict[Tuple[str, str, str, int], str]] 
             *((cfg, f"{t}-shift", sm) for t in ("fp16", "bf16") for sm in (80, 90)
               for cfg in ("BLOCK=64,BLOCK_K=64/w8/s3", "BLOCK=64,BLOCK_K=32/w4/s3")))},
     },
+    (3, 8): {  # torch 2.14
+        **{key: reason for key, reason in EXCLUDED.items() if key[0] != "_upper_bmm_kernel"},
+        **{("_centered_matmul_kernel", cfg, variant, sm): "spills 12-20 B with Triton 3.8 (make test-torch-matrix)"
+           for cfg, variant, sm in (("BLOCK_M=64,BLOCK_N=32,BLOCK_K=64/w4/s4", "fp32", 80),
+                                    ("BLOCK_M=64,BLOCK_N=32,BLOCK_K=64/w4/s4", "fp32", 90),
+                                    ("BLOCK_M=128,BLOCK_N=32,BLOCK_K=64/w8/s3", "fp32", 90),
+                                    ("BLOCK_M=64,BLOCK_N=32,BLOCK_K=64/w4/s4", "fp32-centred", 90))},
+    },
 }
 
 
