@@ -86,8 +86,6 @@ class Solver:
         self.batched = batched_solves(opts.batch_solves, device_type, self.distributed)
         #: where batched solves solve their small eigenproblems (EvaOptions.rayleigh_ritz resolved)
         self.rayleigh_ritz = rayleigh_ritz_for(opts.rayleigh_ritz, device_type)
-        #: most rounds of a batched polish (each: one product per running matrix)
-        self.polish_rounds = 0
         #: products per cycle of the polish (EvaOptions.final_krylov_depth resolved for the device)
         self.krylov_depth = eva_kernels.krylov_depth_for(device_type, opts.final_krylov_depth)
         #: how the batched solves' products ran ("mirror", "upper"; with a fallback's reason)
@@ -224,9 +222,7 @@ class Solver:
             for g in groups:
                 self.solve(g, step, final=True, tol=tol, wanted=(wanted or {}).get(g.index))
             return 0
-        rounds = self._run_batched(groups, step, final=True, tol=tol, wanted=wanted)
-        self.polish_rounds = max(self.polish_rounds, rounds)
-        return rounds
+        return self._run_batched(groups, step, final=True, tol=tol, wanted=wanted)
 
     def solve(self, group: GroupState, step: int, final: bool = False, tol: Optional[float] = None,
               wanted: Optional[int] = None) -> None:
