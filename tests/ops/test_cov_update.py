@@ -166,6 +166,18 @@ def test_shift_keeps_large_offsets_accurate(backend, dtype):
     _check(backend, dtype, [x], [_mask(n, "random")], x[:8].float().mean(0))
 
 
+def test_shifted_fp16_beyond_its_range_stays_finite(backend):
+    """fp16 input near its largest value (65504) with a shift of the opposite sign: ``x - shift``
+    reaches ~1.2e5, beyond fp16's range. No backend rounds it to fp16 (the shifted 16-bit path
+    splits it into bf16 parts, fp32's range; the others subtract in fp32), so nothing turns into
+    inf and the result matches the float64 spec (issue 22, "Bad input")."""
+    n, d = 40, 9
+    g = _gen(11)
+    x = (60000.0 + 100.0 * torch.randn(n, d, generator=g)).clamp(max=65504).to(torch.float16).to(DEVICE)
+    shift = torch.full((d,), -60000.0).to(DEVICE)
+    _check(backend, torch.float16, [x], [None], shift)
+
+
 def test_many_rows_few_columns(backend):
     """n >> d (Triton splits n across programs with atomic adds; the count is fused)."""
     x = _x(700, 5, torch.float32)
