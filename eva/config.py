@@ -116,6 +116,15 @@ class EvaOptions:
             takes ``auto``); the result's metadata names the backend that ran each op.
         orthonormalization: the eigensolver's orthonormalisation ("auto": Householder QR on
             CPU, CholeskyQR3 on GPUs; or "householder", "cholesky_qr3"), whatever the backend.
+        statistics_precision: how 16-bit (bf16/fp16) inputs are multiplied into the centred
+            statistics (:mod:`eva.engine.precision`). "exact": ``x - shift`` as a bf16 split,
+            three tensor-core products (error ~1e-5 on any data). "fast": the raw rows, one
+            product, the shift taken out per 512 rows (error ~1e-7 R, ``R = max E[x^2] / max
+            Var``). "auto" (default): per group, fast while its measured ``R`` <= 64 (error
+            <= 6e-5), exact before its first solve and wherever means dwarf the spread
+            (massive-activation channels). Only the ``triton`` backend has a fast path; fp32
+            inputs are exact either way. The metadata (``run.statistics_precision``) counts
+            the batches of each path.
         seed: seed of the eigensolver's random test matrices.
         memory_budget: bytes the run's statistics (``d x d`` fp32 per shared-input group) may
             occupy, summed over groups and devices: an int, a string such as ``"8GB"`` or
@@ -150,6 +159,7 @@ class EvaOptions:
     final_krylov_depth: Union[int, str] = "auto"
     backend: Optional[str] = None
     orthonormalization: str = "auto"
+    statistics_precision: str = "auto"
     seed: int = 0
     memory_budget: Union[None, int, str] = None
     blocks: Optional[str] = None
@@ -206,6 +216,10 @@ class EvaOptions:
             raise EvaError(f"blocks must be None or the dotted name of the model's block list, e.g. "
                            f"'model.layers'; got {self.blocks!r}")
         self.offload_device = _check_device("offload_device", self.offload_device)
+        from .engine.precision import STATISTICS_PRECISIONS
+        if self.statistics_precision not in STATISTICS_PRECISIONS:
+            raise EvaError(f"statistics_precision must be one of {STATISTICS_PRECISIONS}, "
+                           f"got {self.statistics_precision!r}")
         from eva_kernels import ORTHONORMALIZATIONS
         if self.orthonormalization not in ("auto",) + ORTHONORMALIZATIONS:
             raise EvaError(f"orthonormalization must be one of {('auto',) + ORTHONORMALIZATIONS}, "

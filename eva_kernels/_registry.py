@@ -58,6 +58,8 @@ class Backend:
         why_not: ``why_not(device_type)`` is None when the backend can run there now, else the
             reason and the fix.
         cov_update: ``fn(cov, colsum, x, mask, shift) -> count`` on validated arguments, or None.
+        cov_update_fast: the same signature for ``cov_update(..., precision="fast")``, or None
+            when the backend has no faster, less exact path (then ``cov_update`` serves both).
         topk_eigh: the :class:`EigenProducts` of the eigensolver, or None.
         info: facts for reports (compiled ISA, dot precision, ...).
     """
@@ -66,6 +68,7 @@ class Backend:
     priority: Mapping[str, int]
     why_not: Callable[[str], Optional[str]]
     cov_update: Optional[Callable] = None
+    cov_update_fast: Optional[Callable] = None
     topk_eigh: Optional[EigenProducts] = None
     info: Mapping[str, str] = field(default_factory=dict)
 

@@ -3,6 +3,9 @@
 Slow and simple on purpose: these are the spec every backend is checked against.
 
 * :func:`cov_update_spec` — ``cov_update`` in float64 (boolean indexing, then the shift).
+* :func:`cov_update_fast_reference` — the arithmetic of ``cov_update(precision="fast")`` in
+  plain PyTorch fp32 (raw products per chunk, then the shift correction), to run the engine's
+  fast path where no Triton kernel runs (CPU tests) and to check that path's error model.
 * :func:`covariance_spec` — the (centred) scatter matrix of the kept rows.
 * :func:`exact_pca` — top principal directions of a token matrix by float64 SVD: what the
   engine's components must span.
@@ -36,6 +39,43 @@ def cov_update_spec(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tenso
     cov += y.mT @ y
     colsum += y.sum(0)
     return int(y.shape[0])
+
+
+def cov_update_fast_reference(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor] = None,
+                              shift: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:
+    """``cov_update(..., precision="fast")`` as the Triton kernel computes it, in fp32 on any device.
+
+    Same arguments and return as the backends' ``cov_update`` (``cov`` (d, d) and ``colsum``
+    (d,) fp32 updated in place, whole matrix; returns the 0-d int64 kept count). For 16-bit
+    ``x`` with a shift, per chunk of ``chunk`` consecutive rows (default
+    :data:`eva_kernels.ops.cov_update.FAST_CHUNK_ROWS`), with ``u`` the chunk's
+    ``sum (x - s)`` and ``c`` its kept rows::
+
+        acc += float32(x)^T float32(x)              (exact products, fp32 sums)
+        acc -= s z^T + z s^T,  z = u + (c / 2) s    (the shift's correction)
+
+    and finally ``cov += acc``. Other inputs: the exact fp32 update. Not a spec (that is
+    :func:`cov_update_spec`): a reference of the fast path's rounding, for tests.
+    """
+    from .ops.cov_update import FAST_CHUNK_ROWS
+    chunk = chunk or FAST_CHUNK_ROWS
+    keep = (torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None
+            else mask.to(torch.bool))
+    if shift is None or x.dtype not in (torch.float16, torch.bfloat16):
+        y = x[keep].to(torch.float32) - (0 if shift is None else shift)
+        cov += y.mT @ y
+        colsum += y.sum(0)
+        return keep.sum()
+    acc = torch.zeros_like(cov)
+    for c0 in range(0, x.shape[0], chunk):
+        rows = x[c0:c0 + chunk][keep[c0:c0 + chunk]].to(torch.float32)
+        u = (rows - shift).sum(0)
+        z = u + (0.5 * rows.shape[0]) * shift
+        acc += rows.mT @ rows
+        acc -= shift[:, None] * z[None, :] + z[:, None] * shift[None, :]
+        colsum += u
+    cov += acc
+    return keep.sum()
 
 
 def covariance_spec(x: Tensor, mask: Optional[Tensor] = None, centered: bool = True) -> Tensor:

@@ -2,7 +2,8 @@
 
 * random token batches and tiny random-weight transformer models;
 * ``starve_layer_at_first``: make the first rank allocations give a layer rank 0;
-* ``DEVICE`` / ``TRITON_MARKS``: where kernel tests run, and the marks of Triton tests.
+* ``DEVICE`` / ``TRITON_MARKS``: where kernel tests run, and the marks of Triton tests;
+* ``backend_fixture``: a ``backend`` fixture over the backends that implement an op.
 """
 from __future__ import annotations
 
@@ -46,6 +47,23 @@ UPPER_BMM_MARKS = TRITON_MARKS + [
     pytest.mark.skipif(not _upper_bmm_runnable(),
                        reason="Triton < 3.9's interpreter under NumPy 2 cannot run range() bounds from tl.program_id"),
 ]
+
+
+def backend_fixture(op: str, names):
+    """A pytest fixture yielding each backend name of ``names`` that can run ``op`` on DEVICE
+    (skipped with the reason otherwise); ``cpp`` gets the ``cpp`` mark, ``triton`` TRITON_MARKS."""
+    marks = {"cpp": [pytest.mark.cpp], "triton": TRITON_MARKS}
+    params = [pytest.param(n, marks=marks.get(n, [])) for n in names]
+
+    @pytest.fixture(params=params)
+    def backend(request):
+        from eva_kernels import BackendUnavailableError, resolve_backend
+        try:
+            resolve_backend(op, DEVICE, request.param)
+        except BackendUnavailableError as exc:
+            pytest.skip(str(exc))
+        return request.param
+    return backend
 
 
 def random_token_batches(vocab: int, n_batches: int, batch: int = 3, seq: int = 17, seed: int = 0,

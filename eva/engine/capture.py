@@ -18,6 +18,7 @@ stopped (``_StopForward``) when ``skip_rest_of_forward``: what follows cannot ch
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional
 
@@ -112,6 +113,7 @@ class Capture:
         requested_backend: the ``backend`` option; resolved once per statistics device.
         skip_rest_of_forward: stop the forward once every hooked group has its input.
         observer: receives ``on_rows`` before each accumulation.
+        precision: ``EvaOptions.statistics_precision`` of the statistics created here.
 
     ``accumulate`` (attribute, default True): False makes the discovery forward only find the
     groups and check each layer's rows, creating no statistic (layer-sequential runs size their
@@ -119,7 +121,8 @@ class Capture:
     """
 
     def __init__(self, state: RunState, rules: Dict[str, Any], layout: SequenceLayout, centered: bool,
-                 requested_backend: Optional[str], skip_rest_of_forward: bool, observer: EvaObserver):
+                 requested_backend: Optional[str], skip_rest_of_forward: bool, observer: EvaObserver,
+                 precision: str = "exact"):
         self.state = state
         self.rules = rules
         self.layout = layout
@@ -127,6 +130,7 @@ class Capture:
         self.requested_backend = requested_backend
         self.skip_rest_of_forward = skip_rest_of_forward
         self.observer = observer
+        self.precision = precision
         self.tokens = None                   # the batch's BatchTokens
         self.discovering = True
         self.called: List[str] = []          # targets in first-call order (discovery)
@@ -318,7 +322,7 @@ class Capture:
         if new:
             group.stats = RunningStats(group.d, rows.device, self.centered, self._backend(rows.device),
                                        traffic=self.state.traffic if self.state.distributed else None,
-                                       name=group.leader)
+                                       name=group.leader, precision=self.precision)
         elif group.stats.device != rows.device:
             raise EvaError(f"layer {name}: input moved from {group.stats.device} to {rows.device} between "
                            "batches; keep each layer on one device during EVA")
@@ -338,4 +342,7 @@ class Capture:
         """``cov_update``'s backend for ``device``, resolved once (raises with the fix if unavailable)."""
         if device not in self.backends:
             self.backends[device] = eva_kernels.resolve_backend("cov_update", device, self.requested_backend)
+            if self.precision == "fast" and self.backends[device].cov_update_fast is None:
+                warnings.warn(f"EVA: statistics_precision='fast' has no effect with the {self.backends[device].name!r} "
+                              f"backend on {device} (only 'triton' has a fast path): its statistics are exact")
         return self.backends[device]

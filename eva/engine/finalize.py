@@ -15,7 +15,7 @@ import eva_kernels
 from ..config import EvaSettings
 from ..errors import EvaError, EvaNotConvergedError
 from ..result import FORMAT, EvaStateDict
-from . import allocation, polish_plan
+from . import allocation, polish_plan, precision
 from .observer import EvaObserver
 from .state import RunState
 from .variance_floor import apply_variance_floor
@@ -138,6 +138,10 @@ def _layer_info(state: RunState, name: str) -> dict:
         "converged": bool(g.converged),  # the engine's decision for the layer's group
         "zero_variance": bool(est.zero_variance),  # offered no component (see eva.engine.variance_floor)
         "min_cosine": None if min_cos is None or math.isnan(min_cos) else min_cos,
+        # batches its statistics took on each cov_update path, and its largest measured R
+        # (eva.engine.precision; R is None before the group's first solve or when uncentred)
+        "statistics_batches": dict(g.stats.batches) if g.stats is not None else None,
+        "moment_ratio": g.stats.max_ratio if g.stats is not None else None,
     }
 
 
@@ -165,6 +169,7 @@ def _run_info(state: RunState) -> dict:
         "backend": state.backends.get("cov_update", ""),
         "backends": dict(state.backends),
         "orthonormalization": state.orthonormalization,
+        "statistics_precision": precision.summary(state.groups),
         "distributed": state.distributed,
         "communication": (state.traffic.summary(state.step, sum(4 * g.d * g.d for g in state.groups))
                           if state.distributed else None),
@@ -193,6 +198,7 @@ def build_result(state: RunState, settings: EvaSettings, solver, device, observe
     """
     _check_converged(state, settings)
     _polish(state, solver, settings)
+    precision.warn_if_exceeded(state.groups)
     observer.on_finish(state)
     tensors = {}
     for name in state.order:

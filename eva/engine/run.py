@@ -48,7 +48,8 @@ def run_eva(model: nn.Module, dataloader, targets: List, settings: EvaSettings, 
     observer = Observers(observers)
     rules = layer_rules(prepare_layer_inputs_fn, state, masked_layer_defaults)
     capture = Capture(state, rules, SequenceLayout(model, targets), settings.options.centered,
-                      settings.options.backend, settings.options.skip_rest_of_forward, observer)
+                      settings.options.backend, settings.options.skip_rest_of_forward, observer,
+                      precision=settings.options.statistics_precision)
     engine = Engine(model, state, capture, settings, forward_fn, prepare_model_inputs_fn, device, observer,
                     show_progress_bar)
     if distributed:

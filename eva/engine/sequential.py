@@ -420,7 +420,7 @@ class LayerSequentialEngine(Engine):
         state = RunState.for_targets([old.targets[n] for n in old.order], old.distributed)
         state.memory_budget = old.memory_budget
         capture = Capture(state, self.capture.rules, self.capture.layout, self.opts.centered, self.opts.backend,
-                          self.opts.skip_rest_of_forward, self.capture.observer)
+                          self.opts.skip_rest_of_forward, self.capture.observer, precision=self.capture.precision)
         engine = Engine(self.model, state, capture, self.settings, self.forward_fn, self.prepare_model_inputs_fn,
                         self.device, self.observer, self.show_progress_bar)
         rest = _Replayed(self.replay, self.it) if total_len is None else _ReplayedSized(self.replay, self.it, total_len)

@@ -184,6 +184,8 @@ class Solver:
         var = variance_terms_batched(centred, diag, colsum, count, shift,
                                      [resolution(s.input_roundoff) for s in stats])
         finite = (torch.isfinite(colsum).all(-1) & torch.isfinite(diag).all(-1)).to(torch.float64)
+        ratio = (eva_kernels.moment_ratio(diag, colsum, count, shift)
+                 if shift is not None and stats[0].precision != "exact" else None)
         eig = torch.stack([r.eigenvalues for r in res]).to(torch.float64)
         vecs = torch.stack([r.eigenvectors for r in res])
         prev = [g.estimate.components for g in groups]
@@ -193,6 +195,8 @@ class Solver:
         for i, (g, r) in enumerate(zip(groups, res)):
             est = g.estimate
             est.pending = {"eig": eig[i], "var": var[i], "count": counts64[i].reshape(1), "finite": finite[i].reshape(1)}
+            if ratio is not None:
+                est.pending["ratio"] = ratio[i].reshape(1)
             if cos is not None:
                 est.pending["cos"] = cos[i]
             elif cosines and est.components is not None:
@@ -264,6 +268,8 @@ class Solver:
             "count": count.to(torch.float64).reshape(1),
             "finite": _finite(diag, colsum).to(torch.float64).reshape(1),
         }
+        if stats.shift is not None and stats.precision != "exact":  # R, for statistics_precision
+            pending["ratio"] = eva_kernels.moment_ratio(diag, colsum, count, stats.shift).reshape(1)
         if est.components is not None and not final:
             pending["cos"] = eva_kernels.component_cosines(est.components, res.eigenvectors).to(torch.float64)
         est.pending = pending
@@ -295,3 +301,5 @@ class Solver:
                 est.tokens = int(round(vals["count"][0]))
                 if "cos" in vals:
                     est.cosines = vals["cos"]
+                if "ratio" in vals and g.stats is not None:
+                    g.stats.observe_ratio(vals["ratio"][0])

@@ -23,7 +23,10 @@ import eva_kernels
 from eva_kernels.transfer import from_values
 
 from ..distributed import Traffic, global_mean, masked_sum_and_count
+from . import precision as _precision
 from .variance_floor import resolution
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 class RunningStats:
@@ -32,10 +35,13 @@ class RunningStats:
     ``backend`` is the resolved :class:`eva_kernels.Backend` of ``cov_update`` (resolved once
     per run and device by the engine). ``traffic``: a distributed run's
     :class:`eva.distributed.Traffic` (the shift is then the mean over all ranks); None: one process.
+    ``precision``: ``EvaOptions.statistics_precision`` (:mod:`eva.engine.precision`); the path
+    in use is :attr:`path`, updated by :meth:`observe_ratio` after each solve; :attr:`batches`
+    counts the batches each path accumulated.
     """
 
     def __init__(self, d: int, device: torch.device, centered: bool, backend: eva_kernels.Backend,
-                 traffic: Optional[Traffic] = None, name: str = ""):
+                 traffic: Optional[Traffic] = None, name: str = "", precision: str = "exact"):
         self.name = name  # the group's leader layer (for messages and inspection)
         self.d = d
         self.traffic = traffic
@@ -48,6 +54,11 @@ class RunningStats:
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.shift: Optional[Tensor] = None
         self.input_roundoff = 0.0  # unit roundoff of the coarsest input dtype seen (host, no sync)
+        self.precision = precision
+        self.path = _precision.initial(precision)
+        self.batches = {"exact": 0, "fast": 0}
+        self.max_ratio: Optional[float] = None  # the largest R measured (host, after syncs)
+        self.fast_ratio: Optional[float] = None  # the largest R measured while on the fast path
 
     def _init_shift(self, x: Tensor, mask: Optional[Tensor]) -> None:
         if not self.centered:
@@ -71,8 +82,19 @@ class RunningStats:
         if self.shift is None and self.centered:
             self._init_shift(x, mask)
         self.input_roundoff = max(self.input_roundoff, torch.finfo(x.dtype).eps / 2)
-        n = eva_kernels.cov_update(self.cov, self.colsum, x, mask, shift=self.shift, backend=self.backend)
+        fast = (self.path == "fast" and x.dtype in _SIXTEEN_BIT and self.shift is not None
+                and self.backend.cov_update_fast is not None)
+        self.batches["fast" if fast else "exact"] += 1
+        n = eva_kernels.cov_update(self.cov, self.colsum, x, mask, shift=self.shift, backend=self.backend,
+                                   precision="fast" if fast else "exact")
         self.count += n
+
+    def observe_ratio(self, ratio: float) -> None:
+        """Record ``R`` of the statistics so far (host float) and choose the next batches' path."""
+        self.max_ratio = ratio if self.max_ratio is None else max(self.max_ratio, ratio)
+        if self.batches["fast"]:
+            self.fast_ratio = ratio if self.fast_ratio is None else max(self.fast_ratio, ratio)
+        self.path = _precision.route(self.precision, ratio)
 
     @property
     def nbytes(self) -> int:

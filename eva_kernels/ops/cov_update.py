@@ -19,6 +19,19 @@ error <= :data:`SPLIT_PRODUCT_ERROR` (``3 * 2^-18``, about 1.1e-5), so the error
 at most that times ``sum_i |y_ia y_ib|``, plus fp32 accumulation. ``colsum`` is always summed
 from the exact fp32 ``y``.
 
+``precision="fast"`` (16-bit ``x`` with a shift, on the ``triton`` backend; elsewhere it is the
+exact path): one tensor-core product per pair. The raw 16-bit rows are multiplied (exact
+products, fp32 accumulation) and the shift is taken out per chunk of ``CHUNK_ROWS`` (512) rows,
+from the chunk's column sums ``u = sum (x - s)`` and kept count ``c``:
+``sum (x - s)(x - s)^T = sum x x^T - s z^T - z s^T`` with ``z = u + (c / 2) s``. The products are
+exact but the accumulator carries each chunk's raw sum, whose rounding no longer cancels: to
+first order an entry's error is at most :data:`FAST_PRODUCT_ERROR` times
+``sum_i (|x_ia x_ib| + |s_a s_b|)``, plus the fp32 accumulation of the centred sum. Relative to
+the largest entry that is about ``2^-24 (CHUNK_ROWS / 32) R`` where
+``R = max_j E[x_j^2] / max_j Var[x_j]`` (:func:`fast_error_estimate`; measured 1-2 ``2^-24 R`` in
+``benches/accuracy``), so it suits data whose means do not dwarf their spread; the engine routes
+each group by its measured ``R`` (``EvaOptions.statistics_precision``).
+
 The op ``torch.ops.eva_kernels.cov_update(cov, colsum, x, mask, shift) -> Tensor`` is declared
 once, here, with its fake (so it traces under ``torch.compile``); its default kernel is the
 ``torch`` implementation and the C++ extension adds compiled CPU/CUDA kernels to it
@@ -42,6 +55,55 @@ _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: docstring): with ``hi = rn_bf16(y)``, ``lo = rn_bf16(y - hi)``, ``|y - hi - lo| <= 2^-18 |y|``
 #: and the dropped ``|lo_a lo_b| <= 2^-18 |y_a y_b|``, so ``<= 3 * 2^-18`` (to first order).
 SPLIT_PRODUCT_ERROR = 3 * 2.0 ** -18
+
+#: Rows per chunk of the fast path (the triton kernel's ``CHUNK_ROWS``).
+FAST_CHUNK_ROWS = 512
+
+#: First-order bound of the fast path's error per ``sum_i (|x_ia x_ib| + |s_a s_b|)`` (module
+#: docstring): the tensor cores add 16-product groups to the fp32 accumulator, rounding (or, on
+#: NVIDIA hardware, truncating: ``2^-23``) each time against a value that holds up to one chunk's
+#: raw sum, ``FAST_CHUNK_ROWS / 16`` times per chunk, plus the rank-2 shift correction (4 more).
+FAST_PRODUCT_ERROR = 2.0 ** -23 * (FAST_CHUNK_ROWS / 16 + 4)
+
+#: Largest ``R`` (:func:`moment_ratio`) for which callers should choose ``precision="fast"``:
+#: :func:`fast_error_estimate` is then <= 6.1e-5 of the largest entry, under the 1e-4 tolerance
+#: of 16-bit statistics with a margin of 1.6 (measured: ``benches/accuracy``).
+FAST_RATIO_LIMIT = 64.0
+
+_PRECISIONS = ("exact", "fast")
+
+
+def moment_ratio(sq_sums: Tensor, colsum: Tensor, count, shift: Optional[Tensor]) -> Tensor:
+    """``R = max_j E[x_j^2] / max_j Var[x_j]`` of the rows accumulated so far (float64, ``(...)``).
+
+    From what ``cov_update`` keeps: ``sq_sums`` (..., d) the diagonal ``sum_i (x_ij - s_j)^2``,
+    ``colsum`` (..., d) ``sum_i (x_ij - s_j)``, ``count`` the rows, ``shift`` (d,) or None:
+    ``Var = sq / count - (colsum / count)^2`` and ``E[x^2] = Var + (colsum / count + s)^2``.
+    Leading dimensions are batch dimensions (several statistics at once: ``count`` (...,) then).
+    ``inf`` where there is no variance. No host sync.
+    """
+    sq, cs = sq_sums.double(), colsum.double()
+    c = (count.to(torch.float64) if isinstance(count, Tensor)
+         else torch.full((), float(count), dtype=torch.float64, device=sq.device)).clamp_min(1)
+    c = c.reshape(c.shape + (1,) * (sq.dim() - c.dim()))
+    mean_y = cs / c                                     # E[x - s]
+    var_j = (sq / c - mean_y * mean_y).clamp_min(0)
+    s = 0.0 if shift is None else shift.double()
+    raw = (var_j + (mean_y + s) ** 2).amax(-1)          # max_j E[x_j^2]
+    var = var_j.amax(-1)
+    return torch.where(var > 0, raw / var.clamp_min(torch.finfo(torch.float64).tiny), torch.inf)
+
+
+def fast_error_estimate(ratio: float) -> float:
+    """Expected error of the fast path relative to the largest entry, for ``R = ratio``.
+
+    ``R = max_j E[x_j^2] / max_j Var[x_j]`` (second moments about zero against the largest
+    variance). Each of the ``n / 16`` accumulator additions rounds toward zero (a bias, so the
+    errors add up) against a value holding on average half a chunk's raw sum,
+    ``(FAST_CHUNK_ROWS / 2) E[x^2]``, costing ``2^-24`` of it on average: summed, ``2^-24 n
+    (FAST_CHUNK_ROWS / 32) E[x^2]`` against the entry's ``n Var``.
+    """
+    return 2.0 ** -24 * (FAST_CHUNK_ROWS / 32) * float(ratio)
 
 
 def _describe(t) -> str:
@@ -98,7 +160,8 @@ def _(cov, colsum, x, mask, shift):
 
 
 def cov_update(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor] = None, *,
-               shift: Optional[Tensor] = None, backend: Union[str, Backend, None] = None) -> Tensor:
+               shift: Optional[Tensor] = None, backend: Union[str, Backend, None] = None,
+               precision: str = "exact") -> Tensor:
     """Fused activation-covariance update, in place (see the module docstring for the math).
 
     Args:
@@ -114,12 +177,20 @@ def cov_update(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor] = 
         backend: a name (``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"``) or a resolved
             :class:`eva_kernels.Backend`; default ``EVA_BACKEND`` or auto. A named backend
             that cannot run here raises :class:`eva_kernels.BackendUnavailableError`.
+        precision: ``"exact"`` (default; the contract above) or ``"fast"``: for 16-bit ``x``
+            with a shift, one tensor-core product per pair with the shift taken out per chunk
+            (error :data:`FAST_PRODUCT_ERROR`, about ``fast_error_estimate(R)`` of the largest
+            entry). Backends without such a path (``torch``, ``cpp``) run the exact one.
 
     Returns:
         0-d int64 tensor on ``x.device``: the number of rows used (no host sync on GPU).
     """
+    if precision not in _PRECISIONS:
+        raise ValueError(f"cov_update: precision must be 'exact' or 'fast', got {precision!r}")
     check_cov_update_args(cov, colsum, x, mask, shift)
-    return resolve("cov_update", x.device, backend).cov_update(cov, colsum, x, mask, shift)
+    impl = resolve("cov_update", x.device, backend)
+    run = impl.cov_update_fast if precision == "fast" and impl.cov_update_fast is not None else impl.cov_update
+    return run(cov, colsum, x, mask, shift)
 
 
 def symmetrize_(cov: Tensor) -> Tensor:

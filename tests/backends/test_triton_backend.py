@@ -95,7 +95,26 @@ def test_every_variant_keeps_a_config_on_every_checked_target():
                     if version is None:  # a version without a table of its own uses EXCLUDED
                         assert kept == [c for c in launch.configs if c not in excluded]
     # Triton 3.6 (the GPU machine's): every fp32 shifted config spills on sm_80
-    assert gaps == {((3, 6), "_cov_update_kernel", "fp32-shift", 80)}, gaps
+    assert gaps == {((3, 6), "_cov_update_kernel", "fp32-shift-strided", 80)}, gaps
+
+
+def test_wide_tiles_kept_for_row_major_16bit_input_on_sm90():
+    """The autotuner keeps the 128-wide 8-warp configs for a row-major 16-bit launch on sm_90
+    (with CI's Triton and the GPU machine's 3.6), and prunes them for a strided view of the same
+    rows, where they spill (the compile check's tables)."""
+    from eva_kernels.backends.triton.cov_update_kernel import GPU_CONFIGS
+    from eva_kernels.backends.triton.launches import (is_contiguous_launch, is_wide, prune_configs,
+                                                      variant_of_cov_update)
+    x = torch.empty(64, 576, dtype=torch.bfloat16)
+    assert is_contiguous_launch(x) and not is_contiguous_launch(x[:, :570]) and not is_contiguous_launch(x[:, ::2])
+    for version in (None, (3, 6)):
+        for shift, fast in ((False, False), (True, True), (True, False)):
+            row_major = prune_configs("_cov_update_kernel", GPU_CONFIGS,
+                                      variant_of_cov_update(x.dtype, shift, fast, False), 9, version)
+            strided = prune_configs("_cov_update_kernel", GPU_CONFIGS,
+                                    variant_of_cov_update(x.dtype, shift, fast, True), 9, version)
+            assert any(is_wide(c) for c in row_major), (version, shift, fast)
+            assert strided and not any(is_wide(c) for c in strided), (version, shift, fast)
 
 
 def _bf16_split_product(x: torch.Tensor, mask, shift: torch.Tensor) -> torch.Tensor:

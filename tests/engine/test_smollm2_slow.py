@@ -48,6 +48,32 @@ def test_all_projections_match_exact_pca(smollm2):
     assert worst >= 0.999
 
 
+def test_bf16_model_fast_statistics_match_exact_pca(smollm2, torch_with_fast_path):
+    """SmolLM2 in bf16 with ``statistics_precision="auto"`` (the torch backend given the fast
+    path's arithmetic, as the Triton kernel computes it): every group's R is under the limit, so
+    every batch after its first solve takes the fast path; components match the exact float64
+    PCA of the bf16 tokens to >= 0.9999 (issue 22)."""
+    import copy
+
+    import torch
+
+    import eva
+    from benches.engine.bench_smollm2 import calibration_batches
+    from benches.engine.common import lora_eva_config
+    from eva.testing import TokenRecorder, check_against_exact
+    _, tok, model = smollm2
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    batches = calibration_batches(tok, batch_size=4, max_length=128, limit=4)
+    seen = TokenRecorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = eva.get_eva_state_dict(model, batches, lora_eva_config(TARGETS, 8, 2.0, 0.99), backend="torch",
+                                    show_progress_bar=False, observers=[seen])
+    summary = sd.metadata["run"]["statistics_precision"]
+    assert summary["fast_groups"] == 120 and summary["max_ratio"] <= 64, summary
+    assert check_against_exact(sd, seen, min_overlap=0.9999) >= 0.9999
+
+
 def test_cli_init_takes_a_gguf_file(smollm2, tmp_path):
     from eva.cli import main
     from eva.cli.text_data import bundled_calibration_path

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import eva_kernels
-from eva_kernels import BackendUnavailableError, cov_update
+from eva_kernels import cov_update
 from eva_kernels.testing import cov_update_spec
-from helpers import DEVICE, TRITON_MARKS
+from helpers import DEVICE, backend_fixture
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |cov - spec| / max|spec| on the upper triangle. Inputs are exact in fp32 after widening, so
@@ -26,16 +26,8 @@ TOL = {"torch": dict.fromkeys(DTYPES.values(), 2e-5),
        "triton": {torch.float32: 2e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}}
 
 
-@pytest.fixture(params=[pytest.param("torch"), pytest.param("cpp", marks=pytest.mark.cpp),
-                        pytest.param("triton", marks=TRITON_MARKS)])
-def backend(request):
-    """A backend name that can run cov_update on DEVICE (skipped with the reason otherwise)."""
-    name = request.param
-    try:
-        eva_kernels.resolve_backend("cov_update", DEVICE, name)
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    return name
+#: each backend that can run cov_update on DEVICE (skipped with the reason otherwise)
+backend = backend_fixture("cov_update", ("torch", "cpp", "triton"))
 
 
 def _gen(seed):

@@ -13,19 +13,13 @@ import torch
 import eva_kernels
 from eva_kernels import BackendUnavailableError, component_cosines, fix_signs, subspace_overlap, topk_eigh
 from eva_kernels.linalg import subtract_centering, sym_from_upper
-from helpers import DEVICE, TRITON_MARKS
+from helpers import DEVICE, backend_fixture
 
 ORTHO = list(eva_kernels.ORTHONORMALIZATIONS)
 
 
-@pytest.fixture(params=[pytest.param("torch"), pytest.param("triton", marks=TRITON_MARKS)])
-def backend(request):
-    """A backend name that can run topk_eigh on DEVICE (skipped with the reason otherwise)."""
-    try:
-        eva_kernels.resolve_backend("topk_eigh", DEVICE, request.param)
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    return request.param
+#: each backend that can run topk_eigh on DEVICE (skipped with the reason otherwise)
+backend = backend_fixture("topk_eigh", ("torch", "triton"))
 
 
 def _interpreted(backend):

@@ -14,6 +14,8 @@ trials, which tracing cannot express).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton  # noqa: F401  (ModuleNotFoundError(name='triton') when absent: recorded upstream)
 
@@ -28,6 +30,7 @@ TRITON = Backend(
     priority={"cuda": 30},
     why_not=why_not,
     cov_update=torch.compiler.disable(cov_update_triton),
+    cov_update_fast=torch.compiler.disable(partial(cov_update_triton, precision="fast")),
     topk_eigh=EigenProducts(prepare=prepare_in_place, matmul=torch.compiler.disable(in_place_operator_matmul)),
     info={"fp32_dot": FP32_DOT_PRECISION, "interpreter": str(INTERPRET)},
 )

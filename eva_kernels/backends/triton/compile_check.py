@@ -9,6 +9,8 @@ fails (exit code 1) when
 
 * a ``@triton.jit`` function of the backend has no ``Launch`` (a new kernel must say how it is
   launched, or why it never is);
+* a variant of :data:`~.launches.WIDE_TILES_REQUIRED` keeps no spill-free 128-wide 8-warp
+  config on its target (Hopper's full-width ``wgmma``);
 * a case does not compile, lacks the tensor-core instructions its variant is meant to use
   (``Variant.mma``), spills registers, or needs more shared memory than the target has
   (sm_80: 163 KiB, sm_90: 227 KiB per block), unless it is listed with its reason in the
@@ -34,7 +36,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 #: Shared memory one block may use (the opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-_BACKEND_MODULES = ("config", "cov_update_kernel", "eigen_steps", "upper_bmm")
+_BACKEND_MODULES = ("chunk_sums", "config", "cov_update_kernel", "eigen_steps", "upper_bmm")
 
 
 class Report(NamedTuple):
@@ -120,7 +122,8 @@ def _compile_case(args) -> Report:
     constexprs = {**variant.constexprs, **cfg.kwargs}
     names = list(launch.kernel.arg_names)
     full_sig = {n: signature.get(n, "constexpr") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*") or n in variant.divisible}
     t0 = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(launch.kernel, full_sig, constexprs, attrs),
@@ -154,6 +157,28 @@ def _jit_functions() -> Dict[str, object]:
     return found
 
 
+def _check_wide_tiles(cases, reports) -> int:
+    """Failures of :data:`.launches.WIDE_TILES_REQUIRED`: a listed variant compiled for its sm
+    without one passing, non-excluded 128-wide 8-warp config."""
+    from .launches import LAUNCHES, WIDE_TILES_REQUIRED, excluded_reason, is_wide
+    good = set()
+    compiled = set()
+    for (li, vi, ci, sm), r in zip(cases, reports):
+        cfg = LAUNCHES[li].configs[ci]
+        compiled.add((r.kernel, r.variant, sm))
+        if is_wide(cfg) and r.problem() is None and excluded_reason(r.kernel, cfg, r.variant, sm) is None:
+            good.add((r.kernel, r.variant, sm))
+    failures = 0
+    for (kernel, sm), variants in WIDE_TILES_REQUIRED.items():
+        for variant in variants:
+            if (kernel, variant, sm) in compiled and (kernel, variant, sm) not in good:
+                print(f"FAIL {kernel} {variant} sm_{sm}: no spill-free 128-wide 8-warp config (WIDE_TILES_REQUIRED)")
+                failures += 1
+            elif (kernel, variant, sm) in good:
+                print(f"wide tiles: {kernel} {variant} sm_{sm} keeps a 128-wide 8-warp config")
+    return failures
+
+
 def run(sms: List[int], jobs: int) -> int:
     """Compile everything, print the report, return the number of failures."""
     from .config import INTERPRET, MIN_TRITON, TRITON_VERSION
@@ -179,7 +204,7 @@ def run(sms: List[int], jobs: int) -> int:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         reports = list(pool.map(_compile_case, cases))
-    print(f"{'kernel':<24} {'sm':>3} {'variant':<18} {'config':<42} {'regs':>4} {'spill':>6} {'smem KiB':>8}  "
+    print(f"{'kernel':<24} {'sm':>3} {'variant':<24} {'config':<42} {'regs':>4} {'spill':>6} {'smem KiB':>8}  "
           f"{'tensor cores':<22} status")
     for (li, vi, ci, sm), r in zip(cases, reports):
         launch = LAUNCHES[li]
@@ -196,8 +221,9 @@ def run(sms: List[int], jobs: int) -> int:
         else:
             status = "ok"
         smem = "-" if r.smem is None else f"{r.smem / 1024:.0f}"
-        print(f"{r.kernel:<24} {sm:>3} {r.variant:<18} {r.config:<42} {r.regs if r.regs is not None else '-':>4} "
+        print(f"{r.kernel:<24} {sm:>3} {r.variant:<24} {r.config:<42} {r.regs if r.regs is not None else '-':>4} "
               f"{r.spill_bytes if r.spill_bytes is not None else '-':>6} {smem:>8}  {r.mma_shapes or '-':<22} {status}")
+    failures += _check_wide_tiles(cases, reports)
     print(f"compile check: {len(cases)} cases for sm_{', sm_'.join(map(str, sms))} in "
           f"{time.perf_counter() - t0:.0f} s, {failures} failure(s)")
     return failures

@@ -22,7 +22,7 @@ Kernel layout
   per operand per step; masked rows and out-of-range rows/columns are masked *loads* with
   ``other=0``, so NaN/Inf in dropped rows never reach the arithmetic and no gathered copy of
   ``x`` is made.
-* Precision, three paths (constexprs ``LOWP_DOT`` / ``SPLIT_DOT``):
+* Precision, four paths (constexprs ``LOWP_DOT`` / ``SPLIT_DOT`` / ``CHUNKED``):
 
   - bf16/fp16 input without shift (``LOWP_DOT``): to the tensor cores as is (products of 16-bit
     values are exact in fp32, accumulation in fp32).
@@ -39,6 +39,17 @@ Kernel layout
     the fp32 bits (round to nearest even), so the interpreter, which multiplies the parts as fp32
     (``SPLIT_NATIVE=False``: its bf16 ``tl.dot`` is wrong), computes the very same products as
     the GPU's bf16 MMAs. The CUDA C++ kernel uses the same split (csrc/cuda).
+  - bf16/fp16 input with a shift and ``precision="fast"`` (``CHUNKED``): the raw 16-bit rows go
+    to the tensor cores as in ``LOWP_DOT`` (one MMA per product, exact products) and the shift
+    is taken out per chunk of ``CHUNK`` rows (512): with the chunk's ``u = sum (x - s)`` and
+    kept count ``c`` (pre-pass :mod:`.chunk_sums`, which reads ``x`` once more),
+    ``sum (x - s)(x - s)^T = sum x x^T - s z^T - z s^T``, ``z = u + (c / 2) s``, subtracted from
+    the accumulator at the chunk's end. n-splits are whole chunks. The accumulator holds at
+    most one chunk's raw sum on top of the centred total, so the error grows with
+    ``R = max E[x^2] / max Var``: ~``2^-24 (CHUNK / 32) R`` relative (contract:
+    ``FAST_PRODUCT_ERROR``); ``benches/accuracy/bench_shifted_precision`` measures it per case.
+    No ``x - s`` is ever rounded to 16 bits, so fp16 data beyond fp16's range after the shift
+    stays finite (products of fp16 values fit fp32).
   - fp32 input: widened, shifted and multiplied with ``FP32_DOT_PRECISION`` (``tf32x3`` on GPU:
     fp32-level accuracy on tensor cores; ``ieee`` in the interpreter).
 
@@ -60,13 +71,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .chunk_sums import chunk_sums
 from .config import FP32_DOT_PRECISION, INTERPRET, SPLIT_NATIVE, num_sms, pow2_bucket
 
+#: Rows per chunk of the fast shifted path (``precision="fast"``): the accumulator holds at most
+#: one chunk's raw (unshifted) sum before the shift correction; the error bound
+#: (:data:`eva_kernels.ops.cov_update.FAST_PRODUCT_ERROR`) grows with it. Tests lower it to
+#: cross chunk boundaries on small inputs. Equal to ``ops.cov_update.FAST_CHUNK_ROWS`` (the
+#: contract's; a test checks: importing it here would be circular).
+CHUNK_ROWS = 512
+
 #: The configs autotuning may pick on a GPU. Each is compiled for sm_80 and sm_90 by the compile
-#: check (:mod:`.compile_check`): on sm_90 none spills; on sm_80 the fp32 (tf32x3) variants spill
-#: with all but BLOCK_K=16 and are pruned there (:data:`.launches.EXCLUDED`). 128 x 128 tiles
-#: spill in every variant on both targets (fp32 accumulator + tf32x3 operands), so none is listed.
+#: check (:mod:`.compile_check`), for a row-major ``x`` and for any other view (``-strided``);
+#: those that spill there are pruned for that variant and target (:data:`.launches.EXCLUDED`).
+#: The 128 x 128 tiles (8 warps: wgmma m64n128 on sm_90) are spill-free on sm_90 for row-major
+#: 16-bit input, unshifted or on the fast shifted path, which the engine's launches are; they
+#: spill for strided views (an address per element instead of vectorised loads), for fp32
+#: (tf32x3) and for the bf16 split, where the 64 x 64 ones remain.
 GPU_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
@@ -94,16 +118,20 @@ def _n_splits(n: int, d: int, block: int, sms: int) -> int:
 
 def _grid(meta):
     b = meta["BLOCK"]
-    return (_n_tiles(meta["d"], b), _n_splits(meta["n"], meta["d"], b, meta["SMS"]))
+    splits = _n_splits(meta["n"], meta["d"], b, meta["SMS"])
+    if meta["CHUNKED"]:  # a split is whole chunks
+        splits = min(splits, triton.cdiv(meta["n"], meta["CHUNK"]))
+    return (_n_tiles(meta["d"], b), splits)
 
 
 def _prune(configs, named_args, **kwargs):
     """Drop the configs the compile check found spilling for this variant on this GPU."""
-    from .launches import prune_configs, variant_of_cov_update
+    from .launches import is_contiguous_launch, prune_configs, variant_of_cov_update
     x = named_args["x_ptr"]
     if INTERPRET or x.device.type != "cuda":
         return configs
-    variant = variant_of_cov_update(x.dtype, bool(kwargs.get("HAS_SHIFT", named_args.get("HAS_SHIFT"))))
+    flag = lambda name: bool(kwargs.get(name, named_args.get(name)))  # noqa: E731
+    variant = variant_of_cov_update(x.dtype, flag("HAS_SHIFT"), flag("CHUNKED"), not is_contiguous_launch(x))
     return prune_configs("_cov_update_kernel", configs, variant, torch.cuda.get_device_capability(x.device)[0])
 
 
@@ -145,14 +173,32 @@ def _split_dot(ya, yb, acc, SPLIT_NATIVE: tl.constexpr):
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["d", "N_BUCKET", "HAS_MASK", "HAS_SHIFT", "LOWP_DOT", "SPLIT_DOT"],
+@triton.jit
+def _row_panels(ptr_a, ptr_b, mask_ptr, k0, end, stride_xn, col_ok_a, col_ok_b,
+                HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows ``[k0, k0 + BLOCK_K)`` (below ``end``, kept by the mask) of the two column panels:
+    ``(row_ok (BLOCK_K,), xa, xb (BLOCK_K, BLOCK))``, dropped rows and columns past ``d`` read
+    as 0 (masked loads: NaN/Inf in them never reach the arithmetic)."""
+    rows = k0 + tl.arange(0, BLOCK_K)
+    row_ok = rows < end
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0)
+        row_ok = row_ok & (keep != 0)
+    roff = rows.to(tl.int64)[:, None] * stride_xn
+    xa = tl.load(ptr_a + roff, mask=row_ok[:, None] & col_ok_a[None, :], other=0.0)
+    xb = tl.load(ptr_b + roff, mask=row_ok[:, None] & col_ok_b[None, :], other=0.0)
+    return row_ok, xa, xb
+
+
+@triton.autotune(configs=_CONFIGS, key=["d", "N_BUCKET", "HAS_MASK", "HAS_SHIFT", "LOWP_DOT", "SPLIT_DOT", "CHUNKED"],
                  restore_value=["cov_ptr", "colsum_ptr", "count_ptr"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_ptr,
+def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_ptr, sums_ptr, counts_ptr,
                        n, d, stride_xn, stride_xd,
                        N_BUCKET, SMS,
                        HAS_MASK: tl.constexpr, HAS_SHIFT: tl.constexpr, LOWP_DOT: tl.constexpr,
-                       SPLIT_DOT: tl.constexpr, SPLIT_NATIVE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                       SPLIT_DOT: tl.constexpr, CHUNKED: tl.constexpr, CHUNK: tl.constexpr,
+                       SPLIT_NATIVE: tl.constexpr, FP32_PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -166,7 +212,10 @@ def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_pt
     is_diag = ti == tj
 
     # this program's chunk of rows [start, end)
-    rows_per = tl.cdiv(tl.cdiv(n, n_split), BLOCK_K) * BLOCK_K
+    if CHUNKED:  # splits end on chunk boundaries: the shift correction is applied per chunk
+        rows_per = tl.cdiv(tl.cdiv(n, n_split), CHUNK) * CHUNK
+    else:
+        rows_per = tl.cdiv(tl.cdiv(n, n_split), BLOCK_K) * BLOCK_K
     start = sid * rows_per
     end = tl.minimum(start + rows_per, n)
 
@@ -183,34 +232,52 @@ def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_pt
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     csum = tl.zeros((BLOCK,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for k0 in range(start, end, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K)
-        row_ok = rows < end
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + rows, mask=row_ok, other=0)
-            row_ok = row_ok & (keep != 0)
-        cnt += row_ok.to(tl.int32)
-        roff = rows.to(tl.int64)[:, None] * stride_xn
-        ok_a = row_ok[:, None] & col_ok_a[None, :]
-        ok_b = row_ok[:, None] & col_ok_b[None, :]
-        xa = tl.load(ptr_a + roff, mask=ok_a, other=0.0)
-        xb = tl.load(ptr_b + roff, mask=ok_b, other=0.0)
-        if LOWP_DOT:
-            # bf16/fp16, no shift: exact products on the tensor cores, fp32 accumulation
-            acc = tl.dot(tl.trans(xa), xb, acc)
-            yb = xb.to(tl.float32)
-        else:
-            ya = xa.to(tl.float32)
-            yb = xb.to(tl.float32)
-            if HAS_SHIFT:
-                ya = tl.where(ok_a, ya - shift_a[None, :], 0.0)
-                yb = tl.where(ok_b, yb - shift_b[None, :], 0.0)
-            if SPLIT_DOT:
-                acc = _split_dot(ya, yb, acc, SPLIT_NATIVE)
+    if CHUNKED:
+        # 16-bit x with a shift, one MMA per product: the raw 16-bit rows go to the tensor cores
+        # (exact products, fp32 accumulation) and each chunk's shift correction
+        # s_a z_b^T + z_a s_b^T, z = sum_chunk (x - s) + (c / 2) s, is subtracted at its end,
+        # so the accumulator never holds more than one chunk's raw sum (module docstring).
+        for c0 in range(start, end, CHUNK):
+            for k0 in range(c0, tl.minimum(c0 + CHUNK, end), BLOCK_K):
+                row_ok, xa, xb = _row_panels(ptr_a, ptr_b, mask_ptr, k0, end, stride_xn, col_ok_a, col_ok_b,
+                                             HAS_MASK, BLOCK_K)
+                cnt += row_ok.to(tl.int32)
+                if SPLIT_NATIVE:
+                    acc = tl.dot(tl.trans(xa), xb, acc)
+                else:  # the interpreter: the same exact products, as fp32
+                    acc = tl.dot(tl.trans(xa.to(tl.float32)), xb.to(tl.float32), acc, input_precision="ieee")
+            chunk = c0 // CHUNK
+            ya = tl.load(sums_ptr + chunk.to(tl.int64) * d + offs_a, mask=col_ok_a, other=0.0)
+            yb = tl.load(sums_ptr + chunk.to(tl.int64) * d + offs_b, mask=col_ok_b, other=0.0)
+            half_c = 0.5 * tl.load(counts_ptr + chunk).to(tl.float32)
+            za = ya + half_c * shift_a
+            zb = yb + half_c * shift_b
+            acc -= shift_a[:, None] * zb[None, :] + za[:, None] * shift_b[None, :]
+            if is_diag:
+                csum += yb
+    else:
+        for k0 in range(start, end, BLOCK_K):
+            row_ok, xa, xb = _row_panels(ptr_a, ptr_b, mask_ptr, k0, end, stride_xn, col_ok_a, col_ok_b,
+                                         HAS_MASK, BLOCK_K)
+            cnt += row_ok.to(tl.int32)
+            ok_a = row_ok[:, None] & col_ok_a[None, :]
+            ok_b = row_ok[:, None] & col_ok_b[None, :]
+            if LOWP_DOT:
+                # bf16/fp16, no shift: exact products on the tensor cores, fp32 accumulation
+                acc = tl.dot(tl.trans(xa), xb, acc)
+                yb = xb.to(tl.float32)
             else:
-                acc = tl.dot(tl.trans(ya), yb, acc, input_precision=FP32_PRECISION)
-        if is_diag:
-            csum += tl.sum(yb, axis=0)
+                ya = xa.to(tl.float32)
+                yb = xb.to(tl.float32)
+                if HAS_SHIFT:
+                    ya = tl.where(ok_a, ya - shift_a[None, :], 0.0)
+                    yb = tl.where(ok_b, yb - shift_b[None, :], 0.0)
+                if SPLIT_DOT:
+                    acc = _split_dot(ya, yb, acc, SPLIT_NATIVE)
+                else:
+                    acc = tl.dot(tl.trans(ya), yb, acc, input_precision=FP32_PRECISION)
+            if is_diag:
+                csum += tl.sum(yb, axis=0)
 
     out_ptr = cov_ptr + offs_a.to(tl.int64)[:, None] * d + offs_b[None, :]
     out_ok = col_ok_a[:, None] & col_ok_b[None, :]
@@ -231,12 +298,14 @@ def _cov_update_kernel(x_ptr, mask_ptr, shift_ptr, cov_ptr, colsum_ptr, count_pt
 
 
 def cov_update_triton(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Tensor],
-                      shift: Optional[Tensor]) -> Tensor:
+                      shift: Optional[Tensor], precision: str = "exact") -> Tensor:
     """``triton`` backend of :func:`eva_kernels.cov_update` (inputs already validated).
 
     cov (d, d) fp32 contiguous, colsum (d,) fp32 contiguous, x (n, d) fp32/fp16/bf16 any
-    strides, mask None or bool (n,), shift None or fp32 (d,). Updates the upper triangle of
-    ``cov`` and ``colsum`` in place; returns the kept-row count (0-d int64 on x.device).
+    strides, mask None or bool (n,), shift None or fp32 (d,); ``precision`` ``"exact"`` or
+    ``"fast"`` (16-bit x with a shift: the one-MMA chunked path instead of the bf16 split).
+    Updates the upper triangle of ``cov`` and ``colsum`` in place; returns the kept-row count
+    (0-d int64 on x.device).
     """
     n, d = x.shape
     count = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -255,14 +324,21 @@ def cov_update_triton(cov: Tensor, colsum: Tensor, x: Tensor, mask: Optional[Ten
     # bf16 takes the (exact) widen-to-fp32 path; compiled kernels use bf16 tensor cores.
     lowp_dtypes = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
     lowp = x.dtype in lowp_dtypes and shift is None
-    split = x.dtype in (torch.float16, torch.bfloat16) and shift is not None
+    shifted16 = x.dtype in (torch.float16, torch.bfloat16) and shift is not None
+    chunked = shifted16 and precision == "fast"
+    split = shifted16 and not chunked
+    if chunked:
+        sums, counts = chunk_sums(x, mask_arg if mask is not None else None, shift_arg, CHUNK_ROWS)
+    else:
+        sums, counts = colsum, count  # unused placeholder pointers
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _cov_update_kernel[_grid](
-            x, mask_arg, shift_arg, cov, colsum, count,
+            x, mask_arg, shift_arg, cov, colsum, count, sums, counts,
             n, d, x.stride(0), x.stride(1),
             pow2_bucket(n), num_sms(x.device),
             HAS_MASK=mask is not None, HAS_SHIFT=shift is not None, LOWP_DOT=lowp,
-            SPLIT_DOT=split, SPLIT_NATIVE=SPLIT_NATIVE, FP32_PRECISION=FP32_DOT_PRECISION,
+            SPLIT_DOT=split, CHUNKED=chunked, CHUNK=CHUNK_ROWS, SPLIT_NATIVE=SPLIT_NATIVE,
+            FP32_PRECISION=FP32_DOT_PRECISION,
         )
     return count
 
