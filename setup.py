@@ -14,8 +14,17 @@ Environment variables:
   EVA_REQUIRE_EXT=1   a failed extension build fails the install (used by ``make test``);
                       by default the failure is reported loudly and the install goes on
                       without the extension.
-  EVA_PORTABLE=1      no ``-march=native`` (binary runs on any x86-64 / aarch64 CPU; the CPU
-                      kernel then uses its generic, auto-vectorised micro-kernel).
+  EVA_NATIVE=1        add ``-march=native`` (``-mcpu=native`` on aarch64): a binary for this
+                      machine only (a wheel built so may die with SIGILL elsewhere). By default
+                      the build is portable: the AVX2/FMA micro-kernels are compiled in with
+                      function-level target attributes and chosen at run time by CPU feature
+                      detection (``EVA_CPU_ISA=generic`` forces the portable ones).
+                      ``EVA_PORTABLE=1`` is accepted and means the default.
+
+The build records the torch it was compiled against (major.minor) in
+``eva_kernels/_build_info.py``; at import, a different running torch makes the ``cpp`` backend
+unavailable with that message (the torch and triton backends keep working) instead of loading
+an extension built for another ABI.
   EVA_FORCE_CPU_EXT=1 build the CPU-only extension even when CUDA is available.
 """
 import glob
@@ -38,6 +47,19 @@ def _warn(msg):
     print(f"\n{bar}\n[eva-kernels] WARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
 
 
+_BUILT_TORCH = [None]  # major.minor of the torch a compiled extension is built against (set by _extension)
+
+
+def _write_build_info(torch_version: str) -> None:
+    """``eva_kernels/_build_info.py``: the torch (major.minor) the extension is compiled against."""
+    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    _BUILT_TORCH[0] = major_minor
+    path = os.path.join(_ROOT, "eva_kernels", "_build_info.py")
+    with open(path, "w") as f:
+        f.write('"""Written by setup.py when it builds eva_kernels._C (not tracked by git)."""\n'
+                f"BUILT_TORCH = {major_minor!r}  # torch major.minor the extension was compiled against\n")
+
+
 def _extension():
     """(ext_modules, cmdclass) for setup(); empty when the extension is not built."""
     if _flag("EVA_SKIP_EXT"):
@@ -56,8 +78,9 @@ def _extension():
     cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
     machine = platform.machine().lower()
-    if not _flag("EVA_PORTABLE"):
+    if _flag("EVA_NATIVE") and not _flag("EVA_PORTABLE"):
         cxx.append("-march=native" if machine in ("x86_64", "amd64", "i686") else "-mcpu=native")
+    _write_build_info(torch.__version__)
     sources = [os.path.relpath(p, _ROOT) for p in
                sorted(glob.glob(os.path.join(_ROOT, "csrc", "bindings.cpp")) +
                       glob.glob(os.path.join(_ROOT, "csrc", "cpu", "*.cpp")))]
@@ -115,5 +138,17 @@ def _extension():
     return [ext], {"build_ext": BuildExt}
 
 
+#: tested from 2.4.0 to 2.14.1 by `make test-torch-matrix` (op tests; Triton kernels need triton>=3.6)
+TORCH_RANGE = "torch>=2.4"
+
+
+def _requirements(built_torch):
+    """install_requires: numpy and torch; a build with the compiled extension pins torch to the
+    major.minor it was compiled against (a wheel must not meet another torch's ABI)."""
+    if built_torch is None:
+        return [TORCH_RANGE, "numpy"]
+    return [f"torch=={built_torch}.*", "numpy"]
+
+
 _ext_modules, _cmdclass = _extension()
-setup(ext_modules=_ext_modules, cmdclass=_cmdclass)
+setup(ext_modules=_ext_modules, cmdclass=_cmdclass, install_requires=_requirements(_BUILT_TORCH[0]))

@@ -1,6 +1,7 @@
 """eva: the model layer of eva-kernels — a drop-in for PEFT's EVA initialization.
 
     from eva import get_eva_state_dict, initialize_lora_eva_weights
+    eva.patch_peft()   # or: PEFT's own names run this engine (``with eva.patched_peft(): ...``)
 
 EVA (Explained Variance Adaptation) initializes LoRA's A matrices with the top right-singular
 vectors of each layer's input activations and redistributes ranks across layers by explained
@@ -22,6 +23,7 @@ _EXPORTS = {
     "EvaError": "errors", "EvaNotConvergedError": "errors",
     "forward_fn_dict": "peft.inputs", "prepare_model_inputs_fn_language_modeling": "peft.inputs",
     "prepare_layer_inputs_fn_language_modeling": "peft.inputs", "layer_input_rules": "peft.inputs",
+    "patch_peft": "peft.patch", "unpatch_peft": "peft.patch", "patched_peft": "peft.patch",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

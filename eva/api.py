@@ -30,7 +30,8 @@ from .result import EvaStateDict
 def _masked_layer_defaults() -> tuple:
     """Layer-input functions meaning "the masked tokens": ours, and PEFT's when installed."""
     try:
-        from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling as peft_default
+        from .peft.patch import original
+        peft_default = original("prepare_layer_inputs_fn_language_modeling")  # PEFT's own, also while patched
     except ImportError:
         return (prepare_layer_inputs_fn_language_modeling,)
     return (prepare_layer_inputs_fn_language_modeling, peft_default)

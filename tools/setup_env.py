@@ -51,7 +51,7 @@ TORCH_PIN = "torch==2.13.0"
 # leaves to us: setuptools >= 70.1 has bdist_wheel itself, so this one requirement covers both.
 BUILD_REQUIRES = ["setuptools>=70.1"]
 # Inputs of the C++ extension's build besides the files (setup.py reads the EVA_* ones).
-BUILD_ENV = ["EVA_SKIP_EXT", "EVA_PORTABLE", "EVA_FORCE_CPU_EXT", "EVA_CUDA_ARCHS", "EVA_CUDA_PTX",
+BUILD_ENV = ["EVA_SKIP_EXT", "EVA_NATIVE", "EVA_PORTABLE", "EVA_FORCE_CPU_EXT", "EVA_CUDA_ARCHS", "EVA_CUDA_PTX",
              "CUDA_HOME", "CC", "CXX"]
 PIP_FLAGS = ["-q", "--disable-pip-version-check"]
 

@@ -82,10 +82,10 @@ def main(argv=None):
 
         def setup(pb: Problem) -> Setup:
             common = dict(colsum=pb.colsum, count=pb.count, oversample=p, backend=name, orthonormalization=method)
-            prev = eva_kernels.topk_eigh(pb.cov, k, iters=1, return_basis=True, seed=1, **common)
+            prev = eva_kernels.topk_eigh_step(pb.cov, k, iters=1, return_basis=True, seed=1, **common)
 
             def call():
-                return eva_kernels.topk_eigh(pb.cov, k, init=prev.basis, iters=args.iters, **common)
+                return eva_kernels.topk_eigh_step(pb.cov, k, init=prev.basis, iters=args.iters, **common)
             operand = products.prepare(pb.cov)
             q = prev.basis.mT.contiguous()
             y = products.matmul(operand, q, pb.colsum, pb.count)

@@ -14,7 +14,8 @@ namespace eva_kernels {
 int64_t cov_update_cpu(at::Tensor& cov, at::Tensor& colsum, const at::Tensor& x,
                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& shift);
 
-// Which micro-kernel the CPU path was compiled with ("avx2-fma" or "generic").
+// Which micro-kernel the CPU path runs in this process ("avx2-fma" or "generic"), chosen at
+// run time by CPU feature detection (EVA_CPU_ISA=generic forces "generic").
 const char* cov_update_cpu_isa();
 
 }  // namespace eva_kernels

@@ -261,7 +261,8 @@ class Solver:
                 cov, k, iters=1, seed=opts.seed, tol=tol, max_iters=opts.final_max_iters,
                 krylov_depth=self.krylov_depth, **common))
         else:
-            res = eva_kernels.topk_eigh(cov, group.max_components, iters=opts.iters, seed=opts.seed + step, **common)
+            res = eva_kernels.topk_eigh_step(cov, group.max_components, iters=opts.iters, seed=opts.seed + step,
+                                             **common)
         pending = {
             "eig": res.eigenvalues.to(torch.float64),
             "var": stats.variance_terms(diag, colsum, count),

@@ -197,3 +197,12 @@ def symmetrize_(cov: Tensor) -> Tensor:
     """Mirror the upper triangle of square ``cov`` into its lower triangle, in place."""
     cov.copy_(sym_from_upper(cov))
     return cov
+
+
+def symmetric_from_upper(cov: Tensor) -> Tensor:
+    """The full symmetric matrix (a new (d, d) tensor) whose upper triangle ``cov`` holds: what
+    ``cov_update`` accumulated, e.g. a GPTQ Hessian ``H = sum x^T x``, for a reader of the whole
+    matrix (``cov`` itself is left as is; :func:`symmetrize_` does it in place)."""
+    if not isinstance(cov, Tensor) or cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"symmetric_from_upper: cov must be a square (d, d) tensor, got {_describe(cov)}")
+    return sym_from_upper(cov)

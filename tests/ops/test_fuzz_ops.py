@@ -31,7 +31,7 @@ from hypothesis import currently_in_test_context, event, given, note, settings
 from hypothesis import strategies as st
 
 import eva_kernels
-from eva_kernels import subspace_overlap, topk_eigh
+from eva_kernels import subspace_overlap, topk_eigh, topk_eigh_step
 from eva_kernels.linalg import sym_from_upper
 from eva_kernels.ops.cov_update import SPLIT_PRODUCT_ERROR
 from eva_kernels.testing import cov_update_spec, covariance_spec
@@ -556,8 +556,8 @@ def check_topk_eigh(backend: str, case: EighCase) -> None:
     eps = 8 * d * U[dtype] * scale + 1e-300
     init = None
     if case.init == "previous":
-        init = topk_eigh(cov, k, colsum=colsum, count=count, iters=1, seed=case.seed + 1,
-                         return_basis=True, backend=backend).basis
+        init = topk_eigh_step(cov, k, colsum=colsum, count=count, iters=1, seed=case.seed + 1,
+                              return_basis=True, backend=backend).basis
     elif case.init == "random":
         init = torch.randn(case.init_rows, d, generator=torch.Generator().manual_seed(case.seed + 2))
     tol = SOLVE_TOL[dtype] if case.tol else None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import eva_kernels
-from eva_kernels import BackendUnavailableError, component_cosines, fix_signs, subspace_overlap, topk_eigh
+from eva_kernels import BackendUnavailableError, component_cosines, fix_signs, subspace_overlap, topk_eigh, topk_eigh_step
 from eva_kernels.linalg import subtract_centering, sym_from_upper
 from helpers import DEVICE, backend_fixture
 
@@ -117,8 +117,8 @@ def test_warm_start_beats_cold_start(backend):
     a, _ = psd_with_spectrum([1.0 / (i + 1) ** 0.5 for i in range(200 if not _interpreted(backend) else 60)],
                              dtype=torch.float32)
     exact = exact_top(a, 10)[1]
-    cold = topk_eigh(a, 10, iters=2, return_basis=True, backend=backend)
-    warm = topk_eigh(a, 10, iters=2, init=cold.basis, backend=backend)
+    cold = topk_eigh_step(a, 10, iters=2, return_basis=True, backend=backend)
+    warm = topk_eigh_step(a, 10, iters=2, init=cold.basis, backend=backend)
     assert _overlap(warm.eigenvectors, exact) > _overlap(cold.eigenvectors, exact)
 
 
@@ -165,3 +165,56 @@ def test_a_backend_without_products_raises_instead_of_falling_back():
     with pytest.raises(BackendUnavailableError, match="no implementation of topk_eigh.*torch"):
         topk_eigh(torch.eye(20), 3, backend="cpp")
     assert "cpp" not in eva_kernels.available_backends("cpu", "topk_eigh")
+
+
+# ------------------------------------------------------------- defaults: exact unless asked --------
+def _spectrum(kind: str, d: int, dtype):
+    g = torch.Generator().manual_seed(11)
+    if kind == "1/i":
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        a = (q / torch.arange(1, d + 1, dtype=torch.float64)) @ q.T
+    else:  # a random Gram matrix
+        x = torch.randn(2 * d, d, generator=g, dtype=torch.float64)
+        a = x.T @ x
+    return a.to(dtype).to(DEVICE), torch.linalg.eigvalsh(a).flip(0)
+
+
+@pytest.mark.parametrize("kind", ["1/i", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("k", [1, 8, 24])
+def test_default_returns_the_exact_eigenvalues(kind, dtype, k):
+    """``topk_eigh(A, k)`` with nothing else: eigenvalues within 1e-4 relative (issue 23), no
+    warning; the tracking step from a cold start is far off (why it is not the default). The
+    default backend's products (the Triton ones are checked against them elsewhere)."""
+    import warnings
+    a, exact = _spectrum(kind, 200, dtype)
+    backend = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = topk_eigh(a, k)
+    rel = ((res.eigenvalues.double().cpu() - exact[:k]).abs() / exact[:k]).max().item()
+    assert rel <= 1e-4, rel
+    step = topk_eigh_step(a, k, backend=backend)
+    assert ((step.eigenvalues.double().cpu() - exact[:k]).abs() / exact[:k]).max().item() > 1e-3
+
+
+def test_step_is_topk_eigh_without_tolerance(backend):
+    a, _ = _spectrum("gram", 60, torch.float32)
+    init = torch.randn(5, 60, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    one = topk_eigh_step(a, 4, init=init, iters=3, seed=5, backend=backend)
+    two = topk_eigh(a, 4, init=init, iters=3, seed=5, tol=None, backend=backend)
+    assert torch.equal(one.eigenvalues, two.eigenvalues) and torch.equal(one.eigenvectors, two.eigenvectors)
+    with pytest.raises(TypeError, match="takes no tol"):
+        topk_eigh_step(a, 4, tol=1e-4)
+
+
+def test_default_warns_when_the_cap_stops_it_short():
+    a, _ = _spectrum("gram", 200, torch.float64)
+    with pytest.warns(UserWarning, match="stopped at max_iters=2 products"):
+        topk_eigh(a, 8, oversample=2, max_iters=2)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -1e-3, "exact", True])
+def test_bad_tol_is_refused(bad):
+    with pytest.raises(ValueError, match="tol must be 'auto'"):
+        topk_eigh(torch.eye(10), 2, tol=bad)

@@ -11,9 +11,12 @@ Importing this package never raises when the extension is missing or broken: the
 is kept and reported (with the command that fixes it) when ``cpp`` is requested.
 
 Build switches (read by setup.py): ``EVA_SKIP_EXT=1`` (no extension), ``EVA_REQUIRE_EXT=1``
-(a failed build fails the install), ``EVA_PORTABLE=1`` (no ``-march=native``),
-``EVA_CUDA_ARCHS`` (default ``80;90a``). Runtime: ``EVA_CPP_KC`` (rows per packed panel of the
-CPU kernel, default 256).
+(a failed build fails the install), ``EVA_NATIVE=1`` (``-march=native``: this machine only; the
+default build is portable, its AVX2 kernels chosen at run time), ``EVA_CUDA_ARCHS`` (default
+``80;90a``). Runtime: ``EVA_CPP_KC`` (rows per packed panel of the CPU kernel, default 256),
+``EVA_CPU_ISA=generic`` (the portable micro-kernels even where AVX2 runs). An extension built
+against another torch (major.minor, ``eva_kernels/_build_info.py``) is not loaded: ``cpp`` is
+then unavailable with the reason (:func:`torch_mismatch`).
 """
 from __future__ import annotations
 
@@ -28,12 +31,32 @@ from ...ops import cov_update as _op  # noqa: F401  (the schema must exist befor
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` (needs torch, ninja and a "
               "C++ compiler; EVA_SKIP_EXT must be unset)")
 
-LOAD_ERROR: Optional[str] = None
+def torch_mismatch(built: Optional[str], running: str) -> Optional[str]:
+    """Why an extension built against torch ``built`` (major.minor, None: unknown) must not be
+    loaded under torch ``running``; None when it may."""
+    if built is None:
+        return None
+    now = ".".join(running.split("+")[0].split(".")[:2])
+    if now == built:
+        return None
+    return (f"eva_kernels._C was built against torch {built} but torch {now} is running (a compiled extension "
+            f"needs the torch it was built with); rebuild it with `pip install --no-build-isolation -e .` or "
+            f"install torch {built}.*; the 'torch' and 'triton' backends work meanwhile")
+
+
 try:
-    from ... import _C  # noqa: F401  (import registers the compiled kernels of eva_kernels::cov_update)
-except Exception as exc:  # noqa: BLE001 - keep the reason for the error message
-    _C = None
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    from ..._build_info import BUILT_TORCH
+except ImportError:  # built by an older setup.py, or no extension: nothing to compare
+    BUILT_TORCH = None
+
+LOAD_ERROR: Optional[str] = torch_mismatch(BUILT_TORCH, torch.__version__)
+_C = None
+if LOAD_ERROR is None:
+    try:
+        from ... import _C  # noqa: F401  (import registers the compiled kernels of eva_kernels::cov_update)
+    except Exception as exc:  # noqa: BLE001 - keep the reason for the error message
+        _C = None
+        LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 HAS_EXTENSION: bool = _C is not None
 HAS_CUDA: bool = bool(HAS_EXTENSION and _C.has_cuda())
